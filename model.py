@@ -1,0 +1,465 @@
+"""The LLaMA-2 / Vicuna decoder written out in plain PyTorch, the LlamaVID model that splices visual tokens
+into its prompt, checkpoint loading from the original HF directories, and generation."""
+import json
+import math
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional: flash-attn's kernels when installed; SDPA (which has flash kernels of its own) otherwise
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+@dataclass
+class LLaMAConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"type": "linear", "factor": f} as config.json writes it
+    max_seq_len: int = 4096  # max_position_embeddings; the usable context is this times the linear factor
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def context_length(self) -> int:
+        factor = (self.rope_scaling or {}).get("factor", 1.0)
+        return int(self.max_seq_len * factor)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LLaMAConfig":
+        """From a transformers LlamaConfig dict (config.json)."""
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 writes rope settings here
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
+                   hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
+                   rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
+                   max_seq_len=hf.get("max_position_embeddings", 4096))
+
+    @classmethod
+    def tiny(cls, **kw) -> "LLaMAConfig":
+        return cls(**{**dict(vocab_size=600, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=172), **kw})
+
+
+VICUNA_7B = LLaMAConfig()
+VICUNA_13B = LLaMAConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 and cast back before the gain, as the HF LLaMA does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_positions(positions: torch.Tensor, rope_scaling: Optional[dict]) -> torch.Tensor:
+    """Map token positions to the positions RoPE sees. Other scaling types go here."""
+    positions = positions.float()
+    if not rope_scaling:
+        return positions
+    kind = rope_scaling.get("type", rope_scaling.get("rope_type"))
+    if kind == "linear":  # position interpolation: a long context squeezed into the trained range
+        return positions / float(rope_scaling["factor"])
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: 'linear')")
+
+
+def rope_cos_sin(positions, inv_freq, rope_scaling):
+    """cos and sin, (B, T, head_dim), in the rotate-half layout of HF LLaMA (frequencies repeated twice)."""
+    freqs = rope_positions(positions, rope_scaling)[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, T, D)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False):
+    """The one attention function: (B, H, Tq, D) x (B, H, Tk, D) -> (B, H, Tq, D).
+    mask is boolean (True = may attend), broadcastable to (B, H, Tq, Tk)."""
+    if flash_attn_func is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        # flash-attn aligns a causal mask to the bottom right, which is what a chunk after a cache needs
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    if causal and mask is None and q.shape[2] != k.shape[2]:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+class KVCache(nn.Module):
+    """A static, preallocated cache: keys and values are written at slot indices, so shapes never change."""
+
+    def __init__(self, batch_size, n_heads, max_len, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLaMAConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = attention(q, k, v, mask=mask, causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LLaMAConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LLaMAConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask=None, input_pos=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the decoder
+
+class LLaMA(nn.Module):
+    def __init__(self, cfg: LLaMAConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+        self.gradient_checkpointing = False
+
+    def _inv_freq(self, device=None):
+        d = self.cfg.head_dim
+        return 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, device=device).float() / d))
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Preallocate a static KV cache of max_len slots in every layer (generation)."""
+        p = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
+                                               dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward(self, tokens=None, embeds=None, attention_mask=None, positions=None, input_pos=None,
+                logits_from: int = 0):
+        """Logits for tokens (B, T) or input embeddings (B, T, dim).
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding, over all keys (S = T without a cache,
+            the cache length with one). positions: (B, T) RoPE positions, default input_pos or 0..T-1.
+        input_pos: (T,) cache slots to write this chunk to; enables the KV cache set up by setup_cache.
+        logits_from: compute logits only for positions >= this (prefill needs only the last one).
+        """
+        x = self.tok_embeddings(tokens) if embeds is None else embeds
+        B, T, _ = x.shape
+        cached = input_pos is not None and self.layers[0].attention.kv_cache is not None
+        if positions is None:
+            positions = (input_pos if cached else torch.arange(T, device=x.device)).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.cfg.rope_scaling)
+
+        mask = None  # None = plain causal attention, the fast path
+        if cached:
+            S = self.layers[0].attention.kv_cache.k.shape[2]
+            mask = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+            qpos = input_pos
+        else:
+            S, qpos = T, torch.arange(T, device=x.device)
+            if attention_mask is not None:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        if attention_mask is not None:
+            mask = mask[None] & attention_mask[:, None, :S].bool()  # (B, T, S)
+            # a query always sees itself, so rows of pure padding stay finite
+            mask = mask | (torch.arange(S, device=x.device)[None, None, :] == qpos[None, :, None])
+            mask = mask[:, None]
+        elif mask is not None:
+            mask = mask[None, None]
+
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos if cached else None,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos if cached else None)
+        x = self.norm(x[:, logits_from:])
+        return self.output(x).float()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "LLaMA":
+        """Load an HF LLaMA / Vicuna checkpoint directory (config.json + .bin / sharded .bin / .safetensors)."""
+        path = Path(path)
+        hf = read_config(path)
+        with torch.device("meta"):
+            model = cls(LLaMAConfig.from_hf(hf))
+        load_weights(model, path, lambda key: hf_to_ours(key), dtype=dtype, device=device)
+        model.inv_freq = model._inv_freq(device)
+        return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoint loading
+
+# HF LLaMA names on the left, ours on the right; None = stored but not a weight (skipped).
+LLAMA_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_UNMAPPED = object()
+
+
+def hf_to_ours(key: str):
+    """Our name for an HF LLaMA key; None to skip it; _UNMAPPED when the table does not know it."""
+    generic = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
+    if generic not in LLAMA_KEYS:
+        return _UNMAPPED
+    ours = LLAMA_KEYS[generic]
+    if ours is None:
+        return None
+    m = re.search(r"\.(\d+)\.", key)
+    return ours.format(m.group(1)) if m else ours
+
+
+def ours_to_hf(key: str) -> str:
+    """The inverse of hf_to_ours (for saving in the original layout)."""
+    generic = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
+    for hf, ours in LLAMA_KEYS.items():
+        if ours == generic:
+            m = re.search(r"\.(\d+)\.", key)
+            return hf.format(m.group(1)) if m else hf
+    raise KeyError(key)
+
+
+def read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{cfg} is missing: a checkpoint directory needs the config.json it was saved with")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON ({e})") from None
+
+
+def checkpoint_files(path: Path) -> list:
+    """The weight files of an HF checkpoint directory, in load order; every file the index names must exist."""
+    path = Path(path)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{index} is not a valid shard index ({e!r})") from None
+            missing = [n for n in names if not (path / n).exists()]
+            if missing:
+                raise FileNotFoundError(f"{path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}; "
+                                        "copy the complete checkpoint directory")
+            return [path / n for n in names]
+    for pattern in ("model.safetensors", "pytorch_model.bin", "*.safetensors"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"no weights in {path}: expected pytorch_model.bin, pytorch_model-*.bin with "
+                            "pytorch_model.bin.index.json, or *.safetensors")
+
+
+def iter_tensors(file: Path) -> Iterator:
+    """(name, tensor) pairs of one weight file. Pickles are read with weights_only=True: no code runs."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+            return
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:  # a truncated or foreign file: say which one, not where in torch it broke
+        raise ValueError(f"cannot read weight file {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
+                         "the file is truncated or not a checkpoint, download it again") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} does not hold a state dict (found {type(state).__name__})")
+    if "model" in state and isinstance(state["model"], dict):  # LAVIS style {'model': {...}}
+        state = state["model"]
+    yield from state.items()
+
+
+def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, device="cpu",
+                 files=None, strict_missing: bool = True) -> set:
+    """Fill a model built on the meta device from a checkpoint directory, one weight file at a time.
+
+    rename(checkpoint_key) -> our parameter name, None to skip the key, or _UNMAPPED for a key we do not know.
+    Unknown, missing and wrongly shaped keys are collected and reported together. Returns the loaded names.
+    """
+    model.to(dtype=dtype).to_empty(device=device)  # allocate once, in the final dtype
+    params = dict(model.named_parameters())
+    params.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
+    loaded, unexpected, bad_shape = set(), [], []
+    for file in (files or checkpoint_files(path)):
+        for key, tensor in iter_tensors(file):
+            name = rename(key)
+            if name is None:
+                continue
+            if name is _UNMAPPED or name not in params:
+                unexpected.append(key)
+                continue
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                bad_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(params[name].shape)}")
+                continue
+            with torch.no_grad():
+                params[name].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
+            loaded.add(name)
+    missing = [n for n in params if n not in loaded] if strict_missing else []
+    if unexpected or missing or bad_shape:
+        parts = []
+        if bad_shape:
+            parts.append("wrong shape: " + "; ".join(bad_shape[:10]))
+        if missing:
+            parts.append(f"missing ({len(missing)}): " + ", ".join(missing[:10]))
+        if unexpected:
+            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:10]))
+        raise ValueError(f"checkpoint {path} does not match the model config.json describes: " + " | ".join(parts))
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# generation
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None):
+    """Next token ids (B,) from last-position logits (B, V): greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature=0.0,
+             top_p=1.0, eos_id: Optional[int] = 2, callback: Optional[Callable] = None, generator=None):
+    """Continue prompts given as embeddings (B, T, dim); rows of a batch are left-padded (attention_mask 0).
+
+    Returns (B, n) new token ids; a row that hit EOS is padded with EOS. callback(tokens (B,)) is called for
+    every step, for streaming.
+    """
+    B, T, _ = embeds.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+    total = T + max_new_tokens
+    if total > model.cfg.context_length:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+                         f"{model.cfg.context_length} tokens")
+    model.setup_cache(B, total, dtype=embeds.dtype, device=embeds.device)
+    try:
+        key_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
+        # left padding: each row's first real token sits at position 0, as HF generate does it
+        pad = (attention_mask == 0).sum(1, keepdim=True)
+        input_pos = torch.arange(T, device=embeds.device)
+        logits = model(embeds=embeds, attention_mask=key_mask, positions=(input_pos[None] - pad).clamp(min=0),
+                       input_pos=input_pos, logits_from=T - 1)[:, -1]
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        for i in range(max_new_tokens):
+            tok = sample_next(logits, temperature, top_p, generator)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done |= tok == eos_id
+            out.append(tok)
+            if callback is not None:
+                callback(tok)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            pos = torch.tensor([T + i], device=embeds.device)
+            logits = model(tokens=tok[:, None], attention_mask=key_mask, positions=pos[None] - pad,
+                           input_pos=pos)[:, -1]
+        return torch.stack(out, dim=1)
+    finally:
+        model.clear_cache()

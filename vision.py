@@ -26,7 +26,7 @@ class EVAConfig:
     width: int = 1408
     depth: int = 39  # blocks that RUN: LAVIS stores 40, BLIP-2 / LLaMA-VID use the penultimate block's output
     heads: int = 16
-    mlp_hidden: int = 6143  # int(1408 * 4.3637)
+    mlp_hidden: int = 6144  # int(1408 * 4.3637) = int(6144.09); SPEC.md says 6143, which is off by one
     eps: float = 1e-6
 
     @classmethod
@@ -142,7 +142,8 @@ class EVAViT(nn.Module):
                                  f"(expected LAVIS eva_vit_g.pth keys or '{LONG_PREFIX}*')")
         width = sd["pos_embed"].shape[-1]
         if width % HEAD_DIM:
-            raise ValueError(f"EVA-ViT state dict: 'pos_embed' width {width} is not a multiple of the head width {HEAD_DIM}")
+            raise ValueError(f"EVA-ViT state dict: 'pos_embed' width {width} is not a multiple of "
+                             f"the head width {HEAD_DIM}")
         n_stored = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
         depth = n_stored - 1 if drop_last else n_stored
         if depth < 1:
@@ -162,16 +163,16 @@ class EVAViT(nn.Module):
             if key not in sd:
                 raise ValueError(f"EVA-ViT state dict: key '{key}' is missing")
             want = tuple(ref.shape)
-            if key == "pos_embed":  # the stored grid may differ from img_size's: checked as a square below
-                n = sd[key].shape[1] - 1
-                if sd[key].dim() != 3 or sd[key].shape[0] != 1 or math.isqrt(n) ** 2 != n:
-                    raise ValueError(f"EVA-ViT state dict: 'pos_embed' has shape {tuple(sd[key].shape)}, "
+            if key == "pos_embed":  # the stored grid may differ from img_size's (it is resized): any square
+                shape = tuple(sd[key].shape)
+                n = shape[1] - 1 if len(shape) == 3 else -1
+                if len(shape) != 3 or shape[0] != 1 or shape[2] != width or n < 1 or math.isqrt(n) ** 2 != n:
+                    raise ValueError(f"EVA-ViT state dict: 'pos_embed' has shape {shape}, "
                                      f"expected (1, 1 + g*g, {width})")
             elif tuple(sd[key].shape) != want:
                 raise ValueError(f"EVA-ViT state dict: key '{key}' has shape {tuple(sd[key].shape)}, expected {want}")
 
-        sd = {k: v.float() for k, v in sd.items()}
-        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], cfg.grid)
+        sd["pos_embed"] = resize_pos_embed(sd["pos_embed"].float(), cfg.grid)
         sd = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)
         return model.requires_grad_(False).eval()  # frozen in every stage of LLaMA-VID
@@ -194,7 +195,7 @@ def resize_pos_embed(pos_embed, grid):
 # uint8 -> PIL bicubic resize of the shortest edge (long edge truncated with int()) -> centre crop on uint8
 # -> float64 * (1/255) cast to float32 -> (x - mean) / std in float32.
 
-def pad_to_square(image: Image.Image) -> Image.Image:
+def expand_to_square(image: Image.Image) -> Image.Image:
     """The original's expand2square: centre the image on a square canvas of the CLIP mean colour."""
     w, h = image.size
     if w == h:
@@ -227,7 +228,7 @@ def preprocess_images(images, size, pad_to_square=True) -> torch.Tensor:
     for image in images:
         image = image.convert("RGB") if image.mode != "RGB" else image
         if pad_to_square:
-            image = globals()["pad_to_square"](image)
+            image = expand_to_square(image)
         out.append(_resize_crop(image, size))
     return _normalize(np.stack(out))
 

@@ -237,8 +237,9 @@ class LLaMA(nn.Module):
                 mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         if attention_mask is not None:
             mask = mask[None] & attention_mask[:, None, :S].bool()  # (B, T, S)
-            # a query always sees itself, so rows of pure padding stay finite
-            mask = mask | (torch.arange(S, device=x.device)[None, None, :] == qpos[None, :, None])
+            # a query with no visible key (left padding) sees itself, so its row stays finite
+            diag = torch.arange(S, device=x.device)[None, None, :] == qpos[None, :, None]
+            mask = mask | (diag & ~mask.any(-1, keepdim=True))
             mask = mask[:, None]
         elif mask is not None:
             mask = mask[None, None]
@@ -369,10 +370,11 @@ def iter_tensors(file: Path) -> Iterator:
 
 
 def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, device="cpu",
-                 files=None, strict_missing: bool = True) -> set:
+                 files=None, strict_missing: bool = True, side: Optional[dict] = None) -> set:
     """Fill a model built on the meta device from a checkpoint directory, one weight file at a time.
 
-    rename(checkpoint_key) -> our parameter name, None to skip the key, or _UNMAPPED for a key we do not know.
+    rename(checkpoint_key) -> our parameter name, None to skip the key, _UNMAPPED for a key we do not know, or
+    (group, key) to set the tensor aside in side[group][key] for another module's loader.
     Unknown, missing and wrongly shaped keys are collected and reported together. Returns the loaded names.
     """
     model.to(dtype=dtype).to_empty(device=device)  # allocate once, in the final dtype
@@ -383,6 +385,9 @@ def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, 
         for key, tensor in iter_tensors(file):
             name = rename(key)
             if name is None:
+                continue
+            if isinstance(name, tuple):
+                side[name[0]][name[1]] = tensor
                 continue
             if name is _UNMAPPED or name not in params:
                 unexpected.append(key)
@@ -463,3 +468,195 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
         return torch.stack(out, dim=1)
     finally:
         model.clear_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaMA-VID: the EVA tower, the visual token generator and the LLM, with visual tokens spliced into the prompt
+
+VISION_PREFIX = "model.vision_tower.vision_tower."
+TOKEN_PREFIXES = ("model.vlm_att_", "model.mm_projector.")
+
+
+class LlamaVID(nn.Module):
+    def __init__(self, llm: LLaMA, vision, visual, hf_config: dict):
+        super().__init__()
+        self.llm = llm          # LLaMA
+        self.vision = vision    # vision.EVAViT, or None when only precomputed features are used
+        self.visual = visual    # tokens.VisualTokenizer: Q-Former, context token, content tokens, projectors
+        self.hf_config = hf_config  # config.json as loaded; saved back unchanged beside new weights
+        from vision import image_size_from_config
+        self.image_size = image_size_from_config(hf_config)
+        self.video_token = int(hf_config.get("video_token", 2))  # placeholders per frame in the movie prompt
+        self.mm_hidden_size = int(hf_config["mm_hidden_size"])
+
+    @property
+    def is_long_video(self) -> bool:
+        """The hour-long model: rope scaling stretched the context (stage 3)."""
+        return bool(self.llm.cfg.rope_scaling)
+
+    def is_features(self, media: torch.Tensor) -> bool:
+        """Precomputed EVA features (T, N, W) rather than pixels (T, 3, S, S)."""
+        return media.ndim == 3 and media.shape[-1] == self.mm_hidden_size
+
+    def media_tokens(self, media: torch.Tensor, prompts: list) -> torch.Tensor:
+        """Visual tokens of one image / video: (len(prompts), tokens, dim), one row per guiding question."""
+        if self.is_features(media):  # long video: cached features, the Q-Former runs in blocks of frames
+            return self.visual(media, prompts, long_video=True)
+        if self.vision is None:
+            raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
+        features = self.vision(media.to(self.vision.patch_embed.proj.weight.dtype))
+        return self.visual(features, prompts)
+
+    def embed(self, input_ids, media: list, prompts: list, attention_mask=None, labels=None, left_pad=False):
+        """Embed a batch of prompts with their visual tokens spliced in at the -200 placeholders.
+
+        input_ids: (B, L) tensor (with attention_mask for padding) or a list of 1-D tensors. media[b]: pixels
+        (T, 3, S, S) or features (T, N, W) or None; prompts[b]: the guided prompts of sample b. The i-th
+        placeholder of a sample gets the tokens made with its i-th prompt; in the long-video layout (one
+        placeholder per token, `video_token` per frame) placeholder i takes token row i.
+        Returns embeds (B, L', dim), attention_mask (B, L'), labels (B, L') or None.
+        """
+        from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+        embed_tokens = self.llm.tok_embeddings
+        rows, masks, row_labels = [], [], []
+        for b in range(len(input_ids)):
+            ids = input_ids[b]
+            lab = labels[b] if labels is not None else None
+            slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+            text = embed_tokens(ids.clamp(min=0))
+            if not slots or media is None or media[b] is None:
+                if slots:
+                    raise ValueError(f"sample {b} has {len(slots)} <image> placeholder(s) but no image or video")
+                emb = text
+            else:
+                vis = self.media_tokens(media[b], prompts[b]).to(text.dtype)
+                if self.is_features(media[b]):
+                    if len(slots) != vis.shape[1]:
+                        raise ValueError(f"sample {b}: {vis.shape[1]} visual tokens for {len(slots)} <image> "
+                                         f"placeholders; the movie prompt needs {self.video_token} per frame")
+                    emb = text.clone()
+                    emb[slots] = vis[0]
+                else:
+                    if len(slots) > vis.shape[0]:
+                        raise ValueError(f"sample {b} has {len(slots)} <image> placeholders but "
+                                         f"{vis.shape[0]} guided prompt(s); give one prompt per placeholder")
+                    pieces, lab_pieces, start = [], [], 0
+                    for i, s in enumerate(slots):
+                        pieces += [text[start:s], vis[i]]
+                        if lab is not None:
+                            lab_pieces += [lab[start:s], lab.new_full((vis.shape[1],), IGNORE_INDEX)]
+                        start = s + 1
+                    emb = torch.cat(pieces + [text[start:]])
+                    if lab is not None:
+                        lab = torch.cat(lab_pieces + [lab[start:]])
+            m = torch.ones(len(ids), dtype=torch.long, device=text.device)
+            if attention_mask is not None:
+                m = attention_mask[b]
+            # the tokens added by splicing sit before any padding, so the old mask aligns with the tail
+            m = torch.cat([m.new_ones(len(emb) - len(ids)), m])
+            rows.append(emb), masks.append(m), row_labels.append(lab)
+        L = max(len(r) for r in rows)
+
+        def pad(x, value):
+            filler = x.new_full((L - len(x),) + tuple(x.shape[1:]), value)
+            return torch.cat([filler, x] if left_pad else [x, filler])
+        embeds = torch.stack([pad(r, 0) for r in rows])  # padding embeddings are zeros, as the original's
+        mask = torch.stack([pad(m, 0) for m in masks])
+        out_labels = torch.stack([pad(l, IGNORE_INDEX) for l in row_labels]) if labels is not None else None
+        return embeds, mask, out_labels
+
+    def forward(self, input_ids, media, prompts, attention_mask=None, labels=None):
+        """Training / scoring forward: logits (B, L', V) and, with labels, the mean next-token cross-entropy."""
+        embeds, mask, labels = self.embed(input_ids, media, prompts, attention_mask, labels)
+        logits = self.llm(embeds=embeds, attention_mask=None if bool(mask.all()) else mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, input_ids, media, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
+                 eos_id=2, callback=None, generator=None):
+        """New token ids (B, n) for a batch of prompts (left-padded internally)."""
+        embeds, mask, _ = self.embed(input_ids, media, prompts, left_pad=True)
+        return generate(self.llm, embeds, max_new_tokens, attention_mask=mask, temperature=temperature,
+                        top_p=top_p, eos_id=eos_id, callback=callback, generator=generator)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, vision_path=None, bert_path=None, dtype=torch.float32, device="cpu",
+                        load_vision: bool = True) -> "LlamaVID":
+        """Load an original LLaMA-VID checkpoint directory; every released variant is told apart by config.json.
+
+        Vision weights come from the directory when it holds them (the long-video model), else from the first
+        of: vision_path, eva_vit_g.pth in the directory, eva_vit_g.pth beside it, config.json's mm_vision_tower.
+        """
+        from tokens import VisualTokenizer
+        from vision import EVAViT
+        model_dir = Path(model_dir)
+        hf = read_config(model_dir)
+        for key in ("mm_hidden_size", "hidden_size", "vocab_size"):
+            if key not in hf:
+                raise ValueError(f"{model_dir}/config.json has no {key!r}: this is not a LLaMA-VID checkpoint")
+        tokenizer_file = model_dir / "tokenizer.model"
+        if not tokenizer_file.exists():
+            raise FileNotFoundError(f"{tokenizer_file} is missing: a LLaMA-VID checkpoint directory needs the "
+                                    "SentencePiece tokenizer.model it was trained with")
+        vocab = find_bert_vocab(model_dir, bert_path)
+        with torch.device("meta"):
+            llm = LLaMA(LLaMAConfig.from_hf(hf))
+        side = {"vision": {}, "tokens": {}}
+
+        def rename(key):
+            if key.startswith(VISION_PREFIX):
+                return ("vision", key)
+            if key.startswith(TOKEN_PREFIXES):
+                return ("tokens", key)
+            return hf_to_ours(key)
+        load_weights(llm, model_dir, rename, dtype=dtype, device=device, side=side)
+        llm.inv_freq = llm._inv_freq(device)
+        if not side["tokens"]:
+            raise ValueError(f"{model_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
+                             "LLaMA checkpoint, not LLaMA-VID")
+        visual = VisualTokenizer.from_llamavid(side["tokens"], hf, bert_path=vocab).to(device=device, dtype=dtype)
+        vision = None
+        if load_vision:
+            from vision import image_size_from_config
+            source = side["vision"] or find_vision_weights(model_dir, hf, vision_path)
+            vision = EVAViT.from_lavis(source, img_size=image_size_from_config(hf), dtype=dtype, device=device)
+            if vision.cfg.width != hf["mm_hidden_size"]:
+                raise ValueError(f"vision weights are {vision.cfg.width} wide but {model_dir}/config.json has "
+                                 f"mm_hidden_size {hf['mm_hidden_size']}: wrong eva_vit_g.pth for this checkpoint")
+        return cls(llm, vision, visual, hf).eval()
+
+
+def find_vision_weights(model_dir: Path, hf: dict, vision_path=None) -> Path:
+    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order."""
+    candidates = [Path(vision_path)] if vision_path else []
+    candidates += [model_dir / "eva_vit_g.pth", model_dir.parent / "eva_vit_g.pth"]
+    if hf.get("mm_vision_tower"):
+        candidates.append(Path(hf["mm_vision_tower"]))  # relative to the working directory, as the original
+    for c in candidates:
+        if c.is_file():
+            return c
+    if vision_path:
+        raise FileNotFoundError(f"vision weights {vision_path} do not exist")
+    raise FileNotFoundError("EVA-ViT-g weights (eva_vit_g.pth) not found; looked in: "
+                            + ", ".join(str(c) for c in candidates) + ". Pass --vision-path eva_vit_g.pth")
+
+
+def find_bert_vocab(model_dir: Path, bert_path=None) -> Path:
+    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it)."""
+    import os
+    candidates = []
+    if bert_path:
+        p = Path(bert_path)
+        candidates.append(p / "vocab.txt" if p.is_dir() else p)
+    candidates += [model_dir / "vocab.txt", model_dir.parent / "bert-base-uncased" / "vocab.txt"]
+    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    candidates += sorted(hub.glob("models--bert-base-uncased/snapshots/*/vocab.txt"))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise FileNotFoundError("the Q-Former's WordPiece vocabulary (bert-base-uncased vocab.txt) was not found; "
+                            "looked in: " + ", ".join(str(c) for c in candidates) + ". Download bert-base-uncased's "
+                            "vocab.txt and pass --bert-path, or put it in the checkpoint directory")

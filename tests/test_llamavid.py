@@ -1,0 +1,121 @@
+"""LlamaVID end to end on the fixture checkpoints: our logits, loss and greedy ids against the original's."""
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import case_names, fixtures_path, load_case
+from data import Tokenizer, preprocess, tokenize_with_images
+from model import LlamaVID
+from vision import preprocess_frames, preprocess_images
+
+CASES = case_names(fixtures_path()) if (fixtures_path() / "MANIFEST.json").exists() else []
+_models = {}
+
+
+def get_model(fixtures, name):
+    if name not in _models:
+        _models[name] = LlamaVID.from_pretrained(fixtures / name)
+    return _models[name]
+
+
+def media_of(model, fixtures, meta, tensors, key="frames"):
+    """The case's raw input run through our preprocessing (image file, decoded frames or cached features)."""
+    if "features" in tensors:
+        return tensors["features"][:, 1:]  # the long-video model is given the features without cls
+    if key in tensors:
+        return preprocess_frames(tensors[key], model.image_size)
+    image = Image.open(fixtures / "cases" / meta["image"]).convert("RGB")
+    return preprocess_images([image], model.image_size)
+
+
+def assert_close(got, want, tol):
+    scale = max(want.abs().max().item(), 1.0)
+    diff = (got - want).abs().max().item()
+    assert diff <= tol * scale, f"max abs difference {diff:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_case_matches_original(fixtures, name):
+    meta, t = load_case(fixtures, name)
+    model = get_model(fixtures, meta["checkpoint"])
+    tok = Tokenizer(fixtures / meta["checkpoint"])
+    n_last = meta["logits_last"]
+
+    if "sources" in meta:  # a padded training batch
+        rng = random.Random(meta.get("python_random_seed"))
+        ids, labels, prompts = zip(*[preprocess(s, tok, meta["template"], rng=rng) for s in meta["sources"]])
+        # sample i's frames are tensor frames_i; sample 0's are video_single's (the fixture's note says so)
+        frames = [t.get(f"frames_{i}") for i in range(len(ids))]
+        frames[0] = load_case(fixtures, "video_single")[1]["frames"] if frames[0] is None else frames[0]
+        media = [preprocess_frames(f, model.image_size) for f in frames]
+        L = t["input_ids"].shape[1]
+        input_ids = torch.stack([torch.cat([x, x.new_zeros(L - len(x))]) for x in ids])
+        label_ids = torch.stack([torch.cat([x, x.new_full((L - len(x),), -100)]) for x in labels])
+        assert torch.equal(input_ids, t["input_ids"]) and torch.equal(label_ids, t["labels"])
+        with torch.no_grad():
+            logits, loss = model(input_ids, media, list(prompts), attention_mask=t["attention_mask"],
+                                 labels=label_ids)
+    elif "source" in meta:  # one training sample
+        rng = random.Random(meta.get("python_random_seed"))
+        ids, labels, prompts = preprocess(meta["source"], tok, meta["template"], rng=rng)
+        assert torch.equal(ids, t["input_ids"][0]) and torch.equal(labels, t["labels"][0])
+        with torch.no_grad():
+            logits, loss = model(ids[None], [media_of(model, fixtures, meta, t)], [prompts], labels=labels[None])
+    else:
+        ids = torch.tensor(tokenize_with_images(meta["prompt"], tok))
+        assert torch.equal(ids, t["input_ids"][0])
+        media, prompts = [media_of(model, fixtures, meta, t)], [meta["guided_prompts"][0]]
+        with torch.no_grad():
+            logits, loss = model(ids[None], media, prompts)
+        greedy = model.generate(ids[None], media, prompts, max_new_tokens=len(t["greedy_ids"]))[0]
+        want = t["greedy_ids"].tolist()
+        assert greedy.tolist()[:len(want)] == want
+
+    assert logits.shape[1] == meta["logits_full_length"]
+    assert_close(logits[:, -n_last:], t["logits"], 1e-4)
+    if "loss" in t:
+        assert abs(loss.item() - t["loss"].item()) <= 1e-4 * max(1.0, t["loss"].item())
+
+
+def test_visual_tokens_reach_the_logits(fixtures):
+    """A different image must change the answer's logits (the splice is not a no-op)."""
+    meta, t = load_case(fixtures, "image_single")
+    model = get_model(fixtures, meta["checkpoint"])
+    ids = t["input_ids"]
+    pixels = media_of(model, fixtures, meta, t)
+    with torch.no_grad():
+        a, _ = model(ids, [pixels], [meta["guided_prompts"][0]])
+        b, _ = model(ids, [pixels.flip(-1)], [meta["guided_prompts"][0]])
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-4
+
+
+def test_every_variant_loads_by_config_alone(fixtures):
+    manifest = json.loads((fixtures / "MANIFEST.json").read_text())
+    for name, opts in manifest["checkpoints"].items():
+        model = get_model(fixtures, name)
+        assert model.visual.cfg.compress_type == opts["compress_type"]
+        assert model.llm.cfg.rope_scaling == opts["rope_scaling"]
+        assert model.image_size == int(opts["image_processor"].rsplit("-", 1)[-1])
+
+
+def test_checkpoint_errors(fixtures, tmp_path):
+    import shutil
+    src = fixtures / "video"
+    bad = tmp_path / "ckpt"
+    shutil.copytree(src, bad)
+    (bad / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.model"):
+        LlamaVID.from_pretrained(bad)
+    shutil.copy(src / "tokenizer.model", bad / "tokenizer.model")
+    with pytest.raises(FileNotFoundError, match="eva_vit_g.pth"):  # no tower beside it, none given
+        LlamaVID.from_pretrained(bad, bert_path=fixtures / "bert-base-uncased")
+    with pytest.raises(FileNotFoundError, match="vocab.txt"):
+        LlamaVID.from_pretrained(bad, vision_path=fixtures / "eva_vit_g.pth")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["mm_hidden_size"] += 8
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mm_hidden_size"):
+        LlamaVID.from_pretrained(bad, vision_path=fixtures / "eva_vit_g.pth", bert_path=fixtures / "bert-base-uncased")

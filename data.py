@@ -1,14 +1,20 @@
 """Data for LLaMA-VID: the LLaMA tokenizer, conversation templates, `<image>` splicing and label masking,
 then media loading, LLaVA-format datasets, collation and the synthetic dataset."""
 
+import hashlib
 import json
+import math
 import random
 import re
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import numpy as np
 import sentencepiece as spm
 import torch
+from PIL import Image, UnidentifiedImageError
 
 # ----------------------------------------------------------------------------------------------------
 # Text: tokenizer, prompts, labels

@@ -142,7 +142,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,6 +150,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if kv_len is not None:  # a prefill chunk reads only the filled slots
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -176,8 +178,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask=None, input_pos=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -226,10 +228,13 @@ class LLaMA(nn.Module):
             positions = (input_pos if cached else torch.arange(T, device=x.device)).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.cfg.rope_scaling)
 
-        mask = None  # None = plain causal attention, the fast path
+        mask, kv_len = None, None  # mask None = plain causal attention, the fast path
         if cached:
             S = self.layers[0].attention.kv_cache.k.shape[2]
-            mask = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+            if T > 1:  # prefill: attend over the slots filled so far (decode keeps the static full length)
+                S = kv_len = int(input_pos[-1]) + 1
+            if T < S or attention_mask is not None:
+                mask = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
             qpos = input_pos
         else:
             S, qpos = T, torch.arange(T, device=x.device)
@@ -243,13 +248,15 @@ class LLaMA(nn.Module):
             mask = mask[:, None]
         elif mask is not None:
             mask = mask[None, None]
+        kv_len = kv_len if cached else None
+        input_pos = input_pos if cached else None
 
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos if cached else None,
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, kv_len,
                                                       use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos if cached else None)
+                x = layer(x, cos, sin, mask, input_pos, kv_len)
         x = self.norm(x[:, logits_from:])
         return self.output(x).float()
 
@@ -428,46 +435,67 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode_step(model: LLaMA, tok, input_pos, positions, attention_mask):
+    """One token for each row: the step torch.compile + CUDA graphs capture (all shapes are static)."""
+    return model(tokens=tok[:, None], attention_mask=attention_mask, positions=positions, input_pos=input_pos)[:, -1]
+
+
+_compiled_decode_step = None
+
+
+def compiled_decode_step():
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+    return _compiled_decode_step
+
+
 @torch.no_grad()
 def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature=0.0,
-             top_p=1.0, eos_id: Optional[int] = 2, callback: Optional[Callable] = None, generator=None):
+             top_p=1.0, eos_id: Optional[int] = 2, callback: Optional[Callable] = None, generator=None,
+             compile: bool = False, prefill_chunk: int = 8192):
     """Continue prompts given as embeddings (B, T, dim); rows of a batch are left-padded (attention_mask 0).
 
     Returns (B, n) new token ids; a row that hit EOS is padded with EOS. callback(tokens (B,)) is called for
-    every step, for streaming.
+    every step, for streaming. compile=True runs the decode step through torch.compile with CUDA graphs.
+    The prompt is prefilled in chunks of prefill_chunk tokens, so activations stay bounded for long prompts.
     """
     B, T, _ = embeds.shape
-    if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.long, device=embeds.device)
+    dev = embeds.device
     total = T + max_new_tokens
     if total > model.cfg.context_length:
         raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds the model's context of "
                          f"{model.cfg.context_length} tokens")
-    model.setup_cache(B, total, dtype=embeds.dtype, device=embeds.device)
-    try:
-        key_mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], dim=1)
-        # left padding: each row's first real token sits at position 0, as HF generate does it
-        pad = (attention_mask == 0).sum(1, keepdim=True)
-        input_pos = torch.arange(T, device=embeds.device)
-        logits = model(embeds=embeds, attention_mask=key_mask, positions=(input_pos[None] - pad).clamp(min=0),
-                       input_pos=input_pos, logits_from=T - 1)[:, -1]
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=embeds.device)
-        for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_p, generator)
-            if eos_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-                done |= tok == eos_id
-            out.append(tok)
-            if callback is not None:
-                callback(tok)
-            if bool(done.all()) or i == max_new_tokens - 1:
-                break
-            pos = torch.tensor([T + i], device=embeds.device)
-            logits = model(tokens=tok[:, None], attention_mask=key_mask, positions=pos[None] - pad,
-                           input_pos=pos)[:, -1]
-        return torch.stack(out, dim=1)
-    finally:
-        model.clear_cache()
+    # the cache persists between calls (a compiled step keeps pointing at the same buffers); grow it if needed
+    cache = model.layers[0].attention.kv_cache
+    if cache is None or cache.k.shape[0] != B or cache.k.shape[2] < total or cache.k.dtype != embeds.dtype:
+        size = min(model.cfg.context_length, max(total, 256 * math.ceil(total / 256)))
+        model.setup_cache(B, size, dtype=embeds.dtype, device=dev)
+    S = model.layers[0].attention.kv_cache.k.shape[2]
+    key_mask, pad = None, torch.zeros(B, 1, dtype=torch.long, device=dev)
+    if attention_mask is not None and not bool(attention_mask.all()):
+        key_mask = torch.cat([attention_mask, attention_mask.new_ones(B, S - T)], dim=1)
+        pad = (attention_mask == 0).sum(1, keepdim=True)  # left padding: a row's first real token is position 0
+    for start in range(0, T, prefill_chunk):
+        input_pos = torch.arange(start, min(T, start + prefill_chunk), device=dev)
+        logits = model(embeds=embeds[:, start:start + prefill_chunk], attention_mask=key_mask,
+                       positions=(input_pos[None] - pad).clamp(min=0), input_pos=input_pos,
+                       logits_from=len(input_pos) - 1)[:, -1]
+    step = compiled_decode_step() if compile else decode_step
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
+    for i in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            done |= tok == eos_id
+        out.append(tok)
+        if callback is not None:
+            callback(tok)
+        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+            break
+        pos = torch.tensor([T + i], device=dev)
+        logits = step(model, tok, pos, pos[None] - pad, key_mask).clone()
+    return torch.stack(out, dim=1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -172,3 +172,13 @@ def test_missing_config_and_weights(tmp_path):
     hf_llama(tmp_path).config.to_json_file(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="no weights"):
         LLaMA.from_pretrained(tmp_path)
+
+
+def test_chunked_prefill_equals_one_shot(tmp_path):
+    ref = hf_llama(tmp_path)
+    ours = LLaMA.from_pretrained(save_bin(ref, tmp_path / "ckpt"))
+    prompt = torch.randint(3, 97, (1, 23))
+    want = ref.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 23:]
+    ours.clear_cache()
+    got = generate(ours, ours.tok_embeddings(prompt), 6, eos_id=None, prefill_chunk=5)[0]
+    assert got.tolist() == want.tolist()

@@ -645,7 +645,9 @@ class LlamaVID(nn.Module):
         if not side["tokens"]:
             raise ValueError(f"{model_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
                              "LLaMA checkpoint, not LLaMA-VID")
-        visual = VisualTokenizer.from_llamavid(side["tokens"], hf, bert_path=vocab).to(device=device, dtype=dtype)
+        # no original checkpoint stores the Q-Former's head count; ours write it as qformer_num_heads
+        visual = VisualTokenizer.from_llamavid(side["tokens"], hf, bert_path=vocab,
+                                               num_heads=hf.get("qformer_num_heads")).to(device=device, dtype=dtype)
         vision = None
         if load_vision:
             from vision import image_size_from_config

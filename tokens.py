@@ -162,7 +162,8 @@ def bert_num_heads(bert_path, hidden_size):
     if path is not None and path.is_file():
         path = path.parent
     if path is not None and (path / "config.json").is_file():
-        heads = json.loads((path / "config.json").read_text()).get("num_attention_heads")
+        cfg = json.loads((path / "config.json").read_text())
+        heads = cfg.get("num_attention_heads") if cfg.get("model_type") == "bert" else None  # not the LLM's
         if isinstance(heads, int) and heads > 0 and hidden_size % heads == 0:
             return heads
     if hidden_size % 64 == 0:
@@ -525,6 +526,17 @@ class VisualTokenizer(nn.Module):
             new[ours] = v
         self._load_complete(new, own, lambda k: "model.vlm_att_encoder.bert." + _qformer_key(k[8:], to_ours=False)
                             if k.startswith("qformer.") else "model." + k)
+
+    def llamavid_state_dict(self, state=None):
+        """Our weights (or `state`, a state dict of this module) under the original's key names
+        (model.vlm_att_*, model.mm_projector.*), for saving."""
+        out = {}
+        for k, v in (self.state_dict() if state is None else state).items():
+            if k.startswith("qformer."):
+                out["model.vlm_att_encoder.bert." + _qformer_key(k[len("qformer."):], to_ours=False)] = v
+            else:
+                out["model." + k] = v
+        return out
 
     def _load_complete(self, new, own, name):
         missing = [k for k in own if k not in new]

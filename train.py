@@ -1,0 +1,441 @@
+"""One training loop for every LLaMA-VID stage: `python train.py config/stage2.py --key=value` on one process,
+or `torchrun --nproc_per_node=N train.py config/stage2.py` with FSDP2 (also across nodes)."""
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------------
+# defaults (the stage-2 video recipe); a config file and --key=value arguments override them
+stage = 2                    # 1 align, 2 instruct, 3 long video: decides what trains (trainable_parts)
+template = "imgsp_v1"        # conversation template: plain_guided (stage 1), imgsp_v1, vicuna_v1
+data_path = ""               # LLaVA-format JSON
+image_folder = ""
+video_folder = ""
+init_from = ""               # a LLaMA-VID checkpoint directory (stages 2, 3, resumed runs); "scratch" = random
+llm_path = ""                # stage 1: the Vicuna directory
+vision_path = ""             # eva_vit_g.pth (stage 1, or when the checkpoint lacks it)
+qformer_path = ""            # stage 1: instruct_blip_vicuna7b_trimmed.pth
+bert_path = ""               # bert-base-uncased vocab.txt (or its folder)
+tokenizer_dir = ""           # where tokenizer.model is, for a scratch model
+image_size = 224
+compress_type = "mean"       # "mean", "grid:g" or None
+bert_type = "qformer_pretrain"
+num_query = 32
+video_fps = 1.0
+max_frames = 0               # 0 = no cap
+video_token = 2
+max_len = 2048
+out_dir = "out/run"
+resume = True                # continue from out_dir/train_state.pt when it exists
+# optimisation
+learning_rate = 2e-5
+min_lr = 0.0
+weight_decay = 0.0
+betas = (0.9, 0.999)
+warmup_ratio = 0.03
+epochs = 1
+max_steps = 0                # 0 = run the epochs
+global_batch_size = 128      # kept when the GPU count changes: accumulation absorbs the difference
+micro_batch_size = 4
+grad_clip = 1.0
+dtype = "bfloat16"           # compute dtype; master weights, optimizer state and reductions stay float32
+gradient_checkpointing = True
+group_by_length = True
+seed = 42
+num_workers = 2
+device = "auto"
+# logging and saving
+log_interval = 1
+save_interval = 1000         # steps; a final checkpoint is always written
+wandb_log = False
+wandb_project = "llama-vid"
+wandb_run_name = "run"
+# ----------------------------------------------------------------------------------------------------------
+
+
+def apply_overrides(argv, namespace):
+    """nanoGPT's configurator: python files are exec'd into the defaults, then --key=value pairs override."""
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not Path(arg).is_file():
+                raise FileNotFoundError(f"config file {arg} does not exist")
+            exec(Path(arg).read_text(), namespace)
+            continue
+        key, _, value = arg[2:].partition("=")
+        if key not in namespace or key.startswith("_"):
+            raise ValueError(f"unknown setting --{key}; see the defaults at the top of train.py")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        namespace[key] = value
+
+
+# which parts train in each stage (SPEC: Training recipe); EVA never trains
+TRAINABLE = {
+    1: ("visual.mm_projector", "visual.vlm_att_projector", "visual.vlm_att_key_projector",
+        "visual.vlm_att_val_projector"),
+    2: ("llm.", "visual."),
+    3: ("llm.", "visual.mm_projector"),
+}
+
+
+def set_trainable(model, stage):
+    prefixes = TRAINABLE[stage]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_model(cfg, device, vocab=None):
+    """The model a stage starts from, with float32 master weights."""
+    from model import LLaMA, LlamaVID, LLaMAConfig, find_bert_vocab, read_config
+    from tokens import TokenConfig, VisualTokenizer
+    from vision import EVAConfig, EVAViT
+    if cfg["stage"] == 1 and cfg["init_from"] in ("", "scratch"):
+        if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs)
+            llm = LLaMA(LLaMAConfig(**cfg["llm_config"]))
+            vision = EVAViT(EVAConfig(**cfg["vision_config"])).requires_grad_(False)
+            hf = {"vocab_size": llm.cfg.vocab_size, "hidden_size": llm.cfg.dim,
+                  "num_hidden_layers": llm.cfg.n_layers, "num_attention_heads": llm.cfg.n_heads,
+                  "num_key_value_heads": llm.cfg.n_kv_heads, "intermediate_size": llm.cfg.hidden_dim,
+                  "rms_norm_eps": llm.cfg.norm_eps, "max_position_embeddings": llm.cfg.max_seq_len,
+                  "rope_theta": llm.cfg.rope_theta, "model_type": "llava", "architectures": ["LlavaLlamaAttForCausalLM"],
+                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
+                  "hidden_act": "silu", "torch_dtype": "float32"}
+            tcfg = TokenConfig(**{**cfg["token_config"], "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width,
+                                  "compress_type": cfg["compress_type"], "bert_type": cfg["bert_type"]})
+            visual = VisualTokenizer(tcfg)
+        else:
+            hf = read_config(Path(cfg["llm_path"]))
+            llm = LLaMA.from_pretrained(cfg["llm_path"])
+            vision = EVAViT.from_lavis(cfg["vision_path"], img_size=cfg["image_size"])
+            tcfg = TokenConfig(llm_dim=llm.cfg.dim, vision_width=vision.cfg.width,
+                               compress_type=cfg["compress_type"], bert_type=cfg["bert_type"])
+            visual = VisualTokenizer.from_instructblip(cfg["qformer_path"], tcfg)
+        visual.set_wordpiece(vocab)
+        hf.update({"mm_hidden_size": vision.cfg.width, "mm_projector_type": "mlp2x_gelu",
+                   "mm_vision_tower": cfg["vision_path"] or "./model_zoo/LAVIS/eva_vit_g.pth",
+                   "image_processor": f"./llamavid/processor/clip-patch14-{cfg['image_size']}",
+                   "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+                   "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
+                   "bert_type": cfg["bert_type"], "num_query": visual.cfg.num_query,
+                   "compress_type": cfg["compress_type"], "max_token": cfg["max_len"],
+                   "model_max_length": cfg["max_len"], "video_token": cfg["video_token"],
+                   "qformer_num_heads": visual.cfg.qformer.num_heads})
+        model = LlamaVID(llm, vision, visual, hf)
+    else:
+        if not cfg["init_from"]:
+            raise ValueError(f"stage {cfg['stage']} starts from a checkpoint: set init_from")
+        model = LlamaVID.from_pretrained(cfg["init_from"], vision_path=cfg["vision_path"] or None,
+                                         bert_path=cfg["bert_path"] or None)
+        model.hf_config["qformer_num_heads"] = model.visual.cfg.qformer.num_heads
+        if cfg["stage"] == 3:  # stretch RoPE linearly so max_len fits (the original's rule)
+            old = (model.llm.cfg.rope_scaling or {}).get("factor", 1.0)
+            factor = float(math.ceil(cfg["max_len"] / (model.llm.cfg.max_seq_len * old)))
+            if factor > 1:
+                model.llm.cfg.rope_scaling = {"type": "linear", "factor": factor * old}
+                model.hf_config["rope_scaling"] = model.llm.cfg.rope_scaling
+            model.hf_config.update(model_max_length=cfg["max_len"], video_token=cfg["video_token"])
+    return model.float().to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# saving in the original HF layout
+
+def full_state_dict(model, distributed):
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def to_original_keys(state, model):
+    """Our parameter names -> the original checkpoint's (what the original code and sample.py load)."""
+    from model import VISION_PREFIX, ours_to_hf
+    out = {}
+    for k, v in state.items():
+        if k.startswith("llm."):
+            out[ours_to_hf(k[4:])] = v
+        elif k.startswith("vision."):
+            out[VISION_PREFIX + k[7:]] = v.to(torch.float16)  # frozen: stored as LAVIS does, in float16
+    visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
+    out.update(model.visual.llamavid_state_dict(visual))
+    return out
+
+
+def atomic_save(write, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_dir, vocab_file, train_state):
+    from safetensors.torch import save_file
+    state = full_state_dict(model, distributed)
+    optim = None
+    if distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+    elif optimizer is not None:
+        optim = optimizer.state_dict()
+    if rank != 0:
+        return
+    out = Path(cfg["out_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in to_original_keys(state, model).items()}
+    atomic_save(lambda p: save_file(weights, str(p), metadata={"format": "pt"}), out / "model.safetensors")
+    hf = dict(model.hf_config)
+    hf.update(torch_dtype="float32", transformers_version="4.31.0")
+    atomic_save(lambda p: p.write_text(json.dumps(hf, indent=2)), out / "config.json")
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        src = Path(tokenizer_dir) / name
+        if src.exists() and src.resolve() != (out / name).resolve():
+            atomic_save(lambda p: shutil.copyfile(src, p), out / name)
+    if vocab_file is not None and Path(vocab_file).resolve() != (out / "vocab.txt").resolve():
+        atomic_save(lambda p: shutil.copyfile(vocab_file, p), out / "vocab.txt")
+    if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
+        parts = {k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))}
+        atomic_save(lambda p: torch.save(parts, p), out / "mm_projector.bin")
+    train_state = dict(train_state, step=step, optimizer=optim, config={k: v for k, v in cfg.items()
+                                                                        if isinstance(v, (int, float, str, bool, type(None)))})
+    atomic_save(lambda p: torch.save(train_state, p), out / "train_state.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def lr_at(step, total, cfg):
+    warmup = math.ceil(cfg["warmup_ratio"] * total)
+    if step < warmup:
+        return cfg["learning_rate"] * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg["min_lr"] + 0.5 * (cfg["learning_rate"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def step_flops(model, tokens, seq_len):
+    """FLOPs of one training step over `tokens` LLM tokens of length seq_len (the LLM dominates; EVA and the
+    Q-Former are left out). Per token: 2N forward; backward 2N for the input gradients through every layer
+    the loss flows through, plus 2N for the weight gradients of trainable weights; causal attention adds
+    2 * 2 * n_layers * seq_len * dim forward (QK^T and AV, half of it masked), times 3 with its backward."""
+    cfg = model.llm.cfg
+    n_all = sum(p.numel() for n, p in model.llm.named_parameters() if "tok_embeddings" not in n)
+    n_train = sum(p.numel() for n, p in model.llm.named_parameters() if p.requires_grad and "tok_embeddings" not in n)
+    attn = 2 * 2 * cfg.n_layers * seq_len * cfg.dim * 3
+    return tokens * (4 * n_all + 2 * n_train + attn)
+
+
+def main(argv):
+    from data import LLaVADataset, Tokenizer, collate, length_grouped_order
+    from model import find_bert_vocab
+    cfg_ns = {k: v for k, v in globals().items() if not k.startswith("_") and
+              isinstance(v, (int, float, bool, str, tuple, type(None), dict))}
+    cfg_ns.update(llm_config=None, vision_config=None, token_config=None)  # shapes of a scratch model
+    apply_overrides(argv, cfg_ns)
+    cfg = cfg_ns
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    else:
+        rank, world = 0, 1
+        dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    master = rank == 0
+    torch.manual_seed(cfg["seed"] + rank)
+    compute_dtype = getattr(torch, cfg["dtype"])
+    if dev.type == "cpu" and compute_dtype != torch.float32:
+        compute_dtype = torch.float32  # bf16 autocast on a CPU is slow and buys nothing here
+
+    per_step = cfg["micro_batch_size"] * world
+    if cfg["global_batch_size"] % per_step:
+        raise ValueError(f"global_batch_size {cfg['global_batch_size']} is not a multiple of micro_batch_size x "
+                         f"processes = {per_step}")
+    accum = cfg["global_batch_size"] // per_step
+
+    out = Path(cfg["out_dir"])
+    resuming = cfg["resume"] and (out / "train_state.pt").exists()
+    if resuming:
+        cfg["init_from"] = str(out)
+    src_dir = Path(cfg["init_from"] if cfg["init_from"] not in ("", "scratch") else cfg["llm_path"] or cfg["tokenizer_dir"])
+    vocab = find_bert_vocab(src_dir, cfg["bert_path"] or None)
+    tokenizer = Tokenizer(src_dir)
+    model = build_model(cfg, dev, vocab)  # a resumed run rebuilds from its own last checkpoint
+    params = set_trainable(model, cfg["stage"])
+    if master:
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {cfg['stage']}: {n_train / 1e6:.2f}M trainable of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es), "
+              f"micro batch {cfg['micro_batch_size']}, accumulation {accum}")
+    model.llm.gradient_checkpointing = cfg["gradient_checkpointing"]
+
+    if distributed:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in model.llm.layers:
+            fully_shard(block, mp_policy=mp)
+        if model.vision is not None:
+            for block in model.vision.blocks:
+                fully_shard(block, mp_policy=mp)
+        fully_shard(model.visual, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        autocast = nullcontext()
+    else:
+        autocast = (torch.autocast(dev.type, dtype=compute_dtype) if compute_dtype != torch.float32
+                    else nullcontext())
+
+    data = LLaVADataset(cfg["data_path"], tokenizer, cfg["template"], cfg["image_folder"], cfg["video_folder"],
+                        image_size=model.image_size, video_fps=cfg["video_fps"],
+                        max_frames=cfg["max_frames"] or None, video_token=cfg["video_token"],
+                        max_len=cfg["max_len"], seed=cfg["seed"])
+    lengths = data.modality_lengths()
+    steps_per_epoch = len(data) // cfg["global_batch_size"]
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data)} samples do not fill one global batch of {cfg['global_batch_size']}")
+    total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
+
+    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
+                                  weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    step, train_state = 0, {}
+    if resuming:
+        train_state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
+        step = train_state["step"]
+        if distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(train_state["optimizer"])
+        torch.set_rng_state(train_state["rng_cpu"])
+        if dev.type == "cuda" and train_state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(train_state["rng_cuda"])
+        if master:
+            print(f"resumed from {out} at step {step}")
+
+    def order_for(epoch):
+        if cfg["group_by_length"]:
+            return length_grouped_order(lengths, per_step, cfg["seed"] + epoch)
+        return torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()
+
+    def batches(start_step):
+        """Micro-batches of this rank from the global step start_step on (the data position of a resume)."""
+        epoch, s = divmod(start_step, steps_per_epoch)
+        while True:
+            order = order_for(epoch)
+            for k in range(s * accum, steps_per_epoch * accum):
+                chunk = order[k * per_step:(k + 1) * per_step]
+                yield chunk[rank::world]
+            epoch, s = epoch + 1, 0
+
+    loader = torch.utils.data.DataLoader(_IndexBatches(data, batches(step)), batch_size=None,
+                                         num_workers=cfg["num_workers"], collate_fn=collate,
+                                         persistent_workers=False)
+    wandb = None
+    if cfg["wandb_log"] and master:
+        import wandb
+        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=step, disable=not master, desc=f"stage {cfg['stage']}", file=sys.stderr)
+    peak = peak_flops(dev)
+    model.train()
+    if model.vision is not None:
+        model.vision.eval()  # frozen and without dropout
+    it = iter(loader)
+    t0, tokens_seen, flops_seen, losses, skipped = time.time(), 0, 0.0, [], 0
+    while step < total:
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=dev)
+        for micro in range(accum):
+            batch = next(it)
+            skipped += batch["skipped"]
+            if "input_ids" not in batch:  # every sample of this micro batch was unreadable
+                continue
+            media = [m.to(dev) if m is not None else None for m in batch["media"]]
+            with autocast:
+                logits, loss = model(batch["input_ids"].to(dev), media, batch["prompts"],
+                                     attention_mask=batch["attention_mask"].to(dev), labels=batch["labels"].to(dev))
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+            tokens_seen += logits.shape[0] * logits.shape[1] * world
+            flops_seen += step_flops(model, logits.shape[0] * logits.shape[1] * world, logits.shape[1])
+            del logits
+        if distributed:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(step_loss.item())
+        bar.update(1)
+        if master and step % cfg["log_interval"] == 0:
+            dt = time.time() - t0
+            msg = {"step": step, "loss": round(losses[-1], 4), "lr": lr, "tokens/s": round(tokens_seen / dt)}
+            if peak:
+                msg["mfu"] = round(flops_seen / dt / (peak * world), 4)
+            bar.write(json.dumps(msg))
+            if wandb is not None:
+                wandb.log(msg)
+            t0, tokens_seen, flops_seen = time.time(), 0, 0.0
+        if step % cfg["save_interval"] == 0 or step == total:
+            state = {"rng_cpu": torch.get_rng_state(),
+                     "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "losses": losses}
+            save_checkpoint(model, optimizer, step, cfg, distributed, rank, src_dir, vocab, state)
+    bar.close()
+    skipped = torch.tensor([skipped], device=dev)
+    if distributed:
+        dist.all_reduce(skipped)
+    if master:
+        if skipped.item():
+            print(f"{int(skipped.item())} unreadable sample(s) were skipped (see the warnings above)")
+        print(f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in {out}")
+    if distributed:
+        dist.destroy_process_group()
+    return losses
+
+
+class _IndexBatches(torch.utils.data.IterableDataset):
+    """Turns the stream of index lists into dataset items, in worker processes when num_workers > 0."""
+
+    def __init__(self, data, index_batches):
+        self.data, self.index_batches = data, index_batches
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        for k, indices in enumerate(self.index_batches):
+            if info is None or k % info.num_workers == info.id:
+                yield [self.data[i] for i in indices]
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -617,10 +617,10 @@ class LLaVADataset(torch.utils.data.Dataset):
 
 def collate(samples, pad_id=0):
     """Right-pad a list of dataset items into a batch; None items (skipped samples) are dropped."""
-    n = len(samples)
+    n_given = len(samples)
     samples = [s for s in samples if s is not None]
     if not samples:
-        return {"skipped": n}
+        return {"skipped": n_given}
     L = max(len(s["input_ids"]) for s in samples)
     ids = torch.full((len(samples), L), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), L), IGNORE_INDEX, dtype=torch.long)
@@ -630,7 +630,7 @@ def collate(samples, pad_id=0):
         ids[b, :n], labels[b, :n], mask[b, :n] = s["input_ids"], s["labels"], 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "media": [s["media"] for s in samples], "prompts": [s["prompts"] for s in samples],
-            "skipped": n - len(samples)}
+            "skipped": n_given - len(samples)}
 
 
 def length_grouped_order(lengths, group_size, seed):

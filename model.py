@@ -598,8 +598,16 @@ class LlamaVID(nn.Module):
         embeds, mask, labels = self.embed(input_ids, media, prompts, attention_mask, labels)
         logits = self.llm(embeds=embeds, attention_mask=None if bool(mask.all()) else mask)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is not None:  # the mean over supervised tokens (0, not NaN, when there are none)
+            targets = labels[:, 1:].flatten()
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets, ignore_index=-100, reduction="sum")
+            loss = loss / (targets != -100).sum().clamp(min=1)
+            if self.training and all(m is None for m in media):
+                # a text-only batch still runs the token generator on a blank frame, at zero weight: under
+                # FSDP every process must run (and reduce gradients for) the same modules at every step
+                n = 1 + (self.image_size // 14) ** 2
+                blank = embeds.new_zeros(1, n, self.mm_hidden_size)
+                loss = loss + 0.0 * self.visual(blank, [""]).sum()
         return logits, loss
 
     @torch.no_grad()

@@ -3,9 +3,11 @@
 python sample.py --model-path DIR (--image F | --video F | --features F) [--question "..."] [--subtitles F.srt]
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DEFAULT_MODEL = Path("out/shapes")  # the tiny model config/shapes.py trains, used when no --model-path is given
@@ -32,12 +34,30 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--cache-dir", type=Path, default=None, help="where movie feature caches go (default: beside the video)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--debug", action="store_true", help="print each full prompt to stderr before its answer")
+    args = p.parse_args(argv)
+    if not args.fps > 0:
+        p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
+    if args.max_frames is not None and args.max_frames < 1:
+        p.error(f"--max-frames must be at least 1, got {args.max_frames}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    return args
 
 
 def pick_device(name):
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device: use cuda, cuda:1, mps or cpu") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this PyTorch sees no CUDA GPU; use --device cpu")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -55,15 +75,25 @@ def pick_dtype(name, device):
 
 @torch.no_grad()
 def extract_features(model, frames, batch_size=32):
-    """EVA features (T, 1+N, W) of decoded frames, in batches, with a progress bar."""
+    """EVA features (T, 1+N, W) and times of a stream of (frame, seconds), batch by batch, with a progress bar:
+    an hour of 720p video never sits decoded in memory at once."""
     from tqdm import tqdm
     from vision import preprocess_frames
     dev, dtype = model.llm.output.weight.device, model.llm.output.weight.dtype
-    out = []
-    for i in tqdm(range(0, len(frames), batch_size), desc="encoding frames", unit="batch", file=sys.stderr):
-        pixels = preprocess_frames(frames[i:i + batch_size], model.image_size).to(dev, dtype)
+    out, times, batch = [], [], []
+
+    def flush():
+        pixels = preprocess_frames(np.stack(batch), model.image_size).to(dev, dtype)
         out.append(model.vision(pixels).to("cpu", torch.float16))
-    return torch.cat(out)
+        batch.clear()
+    for frame, t in tqdm(frames, desc="encoding frames", unit="frame", file=sys.stderr):
+        batch.append(frame)
+        times.append(t)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return torch.cat(out), times
 
 
 def feature_cache_path(video: Path, cache_dir, digest: str) -> Path:
@@ -74,19 +104,22 @@ def feature_cache_path(video: Path, cache_dir, digest: str) -> Path:
 def movie_features(model, video: Path, args):
     """(features (T, 1+N, W), frame times) of a long video, computed once and cached by content hash."""
     from safetensors.torch import load_file, save_file
-    from data import content_hash, load_video
+    from data import content_hash, iter_video
     cache = feature_cache_path(video, args.cache_dir, content_hash(video))
     if cache.exists():
         print(f"using cached features {cache}", file=sys.stderr)
         return read_feature_cache(cache)
-    frames, times = load_video(video, fps=args.fps, max_frames=args.max_frames)
-    features = extract_features(model, frames)
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    features, times = extract_features(model, iter_video(video, fps=args.fps, max_frames=args.max_frames))
     tmp = cache.with_suffix(".tmp")
-    save_file({"features": features.contiguous(), "times": torch.tensor(times, dtype=torch.float64)}, str(tmp),
-              metadata={"video": str(video), "fps": str(args.fps)})
-    tmp.replace(cache)
-    print(f"features cached in {cache}", file=sys.stderr)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"features": features.contiguous(), "times": torch.tensor(times, dtype=torch.float64)}, str(tmp),
+                  metadata={"video": str(video), "fps": str(args.fps)})
+        tmp.replace(cache)
+        print(f"features cached in {cache}", file=sys.stderr)
+    except OSError as e:  # a read-only folder costs the cache, not the answer
+        print(f"warning: could not write the feature cache {cache} ({e}); pass --cache-dir to keep it",
+              file=sys.stderr)
     return features, times
 
 
@@ -102,6 +135,30 @@ def read_feature_cache(path: Path):
     if "features" not in d or "times" not in d or d["features"].ndim != 3:
         raise ValueError(f"{path} is not a feature cache written by sample.py (needs 'features' (T, 1+N, W) and 'times')")
     return d["features"], d["times"].tolist()
+
+
+def tokens_per_frame(model) -> int:
+    """Visual tokens the model makes from one image / video frame: a context token plus the content tokens
+    (all patches, one mean token, or a g x g grid; see tokens.VisualTokenizer._tokens)."""
+    patch = model.vision.cfg.patch_size if model.vision is not None else 14
+    patches = (model.image_size // patch) ** 2
+    compress = model.visual.cfg.compress_type
+    if compress is None:
+        return 1 + patches
+    if compress == "mean":
+        return 2
+    side, grid = math.isqrt(patches), int(compress[5:])
+    return 1 + (side // (side // grid)) ** 2
+
+
+def prompt_length(model, ids, media) -> int:
+    """How many tokens the LLM will see for ids with the media spliced in, from shapes alone, so that a prompt
+    too long for the context fails before the vision tower spends minutes on an hour of frames."""
+    from data import IMAGE_TOKEN_INDEX
+    slots = int((ids == IMAGE_TOKEN_INDEX).sum())
+    if media is None or slots == 0 or model.is_features(media):  # long video: one token per placeholder
+        return len(ids)
+    return len(ids) - slots + slots * media.shape[0] * tokens_per_frame(model)
 
 
 class Chat:
@@ -120,14 +177,26 @@ class Chat:
             return self.movie_text + "\n" + question
         return IMAGE_TOKEN + "\n" + question
 
-    def prompt_ids(self, question):
-        from data import build_prompt, tokenize_with_images
+    def prompt_text(self, question):
+        from data import build_prompt
         human = self.first_message(question) if not self.messages else question
-        messages = self.messages + [("USER", human), ("ASSISTANT", None)]
-        return torch.tensor(tokenize_with_images(build_prompt(messages, "vicuna_v1"), self.tokenizer)), human
+        return build_prompt(self.messages + [("USER", human), ("ASSISTANT", None)], "vicuna_v1")
 
-    def ask(self, question, max_new_tokens, temperature, top_p, stream=None, generator=None):
+    def prompt_ids(self, question):
+        from data import tokenize_with_images
+        human = self.first_message(question) if not self.messages else question
+        return torch.tensor(tokenize_with_images(self.prompt_text(question), self.tokenizer)), human
+
+    def ask(self, question, max_new_tokens, temperature, top_p, stream=None, generator=None, debug=False):
         ids, human = self.prompt_ids(question)
+        n, context = prompt_length(self.model, ids, self.media), self.model.llm.cfg.context_length
+        if n >= context:
+            frames = "" if self.media is None else f" ({self.media.shape[0]} frames)"
+            raise ValueError(f"the prompt is {n} tokens{frames} but the model's context is {context} tokens: use "
+                             "fewer frames (--fps, --max-frames) or a shorter question / conversation")
+        max_new_tokens = min(max_new_tokens, context - n)  # the answer may use what is left, no more
+        if debug:
+            print(f"[prompt, {n} tokens] {self.prompt_text(question)}", file=sys.stderr, flush=True)
         dev = self.model.llm.output.weight.device
         media = None if self.media is None else [self.media.to(dev, self.model.llm.output.weight.dtype)]
         new, printed = [], ""
@@ -139,14 +208,9 @@ class Chat:
             if stream is not None and not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
                 stream(text[len(printed):])
                 printed = text
-        try:
-            self.model.generate(ids[None].to(dev), media, [[question]], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id,
-                                callback=on_token, generator=generator)
-        except ValueError as e:
-            if "context" in str(e):
-                raise ValueError(f"{e}. Use fewer frames (--fps, --max-frames) or a shorter question") from None
-            raise
+        self.model.generate(ids[None].to(dev), media, [[question]], max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id,
+                            callback=on_token, generator=generator)
         final = self.tokenizer.decode(new)
         if stream is not None and len(final) > len(printed):
             stream(final[len(printed):])
@@ -178,8 +242,26 @@ def load_media(model, args):
     return features[:, 1:], movie_prompt(subtitles, times, model.video_token)
 
 
+def check_media(args):
+    """Open the media files before the model loads (minutes for a 7B): a wrong path or a broken file fails at
+    once. Decodes only the first frame of a video."""
+    from data import iter_video, load_image, load_subtitles
+    if args.image is not None:
+        load_image(args.image)
+    if args.video is not None:
+        frames = iter_video(args.video, fps=args.fps)
+        next(frames)  # a video stream without a decodable frame raises here
+        frames.close()
+    if args.features is not None and not args.features.is_file():
+        raise FileNotFoundError(f"feature cache {args.features} does not exist (write one with --video on a "
+                                "long-video model)")
+    if args.subtitles is not None:
+        load_subtitles(args.subtitles)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_media(args)
     from data import Tokenizer
     from model import LlamaVID
     model_path = args.model_path
@@ -195,8 +277,11 @@ def main(argv=None):
     model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
                                      dtype=dtype, device=device, load_vision=args.features is None)
     tokenizer = Tokenizer(model_path)
-    media, movie_text = load_media(model, args)
     movie = model.is_long_video or long_video
+    if args.subtitles is not None and not (movie and (args.video or args.features)):
+        raise ValueError("--subtitles go with a long video: give --video with a long-video checkpoint (or --movie), "
+                         "or --features")
+    media, movie_text = load_media(model, args)
     temperature = args.temperature if args.temperature is not None else (0.6 if movie else 0.2)
     top_p = args.top_p if args.top_p is not None else (0.9 if movie else 0.7)
     chat = Chat(model, tokenizer, media, movie_text)
@@ -205,7 +290,7 @@ def main(argv=None):
         print(text, end="", flush=True)
 
     if args.question is not None:
-        chat.ask(args.question, args.max_new_tokens, temperature, top_p, stream)
+        chat.ask(args.question, args.max_new_tokens, temperature, top_p, stream, debug=args.debug)
         print()
         return 0
     while True:
@@ -216,15 +301,15 @@ def main(argv=None):
         if not question:
             return 0
         print("ASSISTANT: ", end="", flush=True)
-        chat.ask(question, args.max_new_tokens, temperature, top_p, stream)
+        chat.ask(question, args.max_new_tokens, temperature, top_p, stream, debug=args.debug)
         print()
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

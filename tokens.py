@@ -527,6 +527,15 @@ class VisualTokenizer(nn.Module):
         self._load_complete(new, own, lambda k: "model.vlm_att_encoder.bert." + _qformer_key(k[8:], to_ours=False)
                             if k.startswith("qformer.") else "model." + k)
 
+    def set_dropout(self, p: float):
+        """The Q-Former's dropout probability (hidden states and attention)."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, Attention):
+                m.dropout = p
+        return self
+
     def llamavid_state_dict(self, state=None):
         """Our weights (or `state`, a state dict of this module) under the original's key names
         (model.vlm_att_*, model.mm_projector.*), for saving."""

@@ -47,6 +47,7 @@ max_steps = 0                # 0 = run the epochs
 global_batch_size = 128      # kept when the GPU count changes: accumulation absorbs the difference
 micro_batch_size = 4
 grad_clip = 1.0
+dropout = 0.1                # the Q-Former's (BERT's) dropout, active while it is in train mode as in the original
 dtype = "bfloat16"           # compute dtype; master weights, optimizer state and reductions stay float32
 gradient_checkpointing = True
 group_by_length = True
@@ -292,17 +293,21 @@ def main(argv):
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es), "
               f"micro batch {cfg['micro_batch_size']}, accumulation {accum}")
     model.llm.gradient_checkpointing = cfg["gradient_checkpointing"]
+    model.visual.set_dropout(cfg["dropout"])
 
     if distributed:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in model.llm.layers:
             fully_shard(block, mp_policy=mp)
+        # EVA is frozen and runs a different number of times on each process (once per sample with media):
+        # it stays out of FSDP, replicated in the compute dtype. The token generator sits in the root group,
+        # gathered once per forward however often it runs.
+        frozen = set()
         if model.vision is not None:
-            for block in model.vision.blocks:
-                fully_shard(block, mp_policy=mp)
-        fully_shard(model.visual, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            model.vision.to(compute_dtype)
+            frozen = set(model.vision.parameters()) | set(model.vision.buffers())
+        fully_shard(model, mp_policy=mp, ignored_params=frozen)
         autocast = nullcontext()
     else:
         autocast = (torch.autocast(dev.type, dtype=compute_dtype) if compute_dtype != torch.float32
@@ -318,6 +323,7 @@ def main(argv):
         raise ValueError(f"{len(data)} samples do not fill one global batch of {cfg['global_batch_size']}")
     total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
 
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps in DTensors
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
                                   weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
     step, train_state = 0, {}
@@ -330,25 +336,26 @@ def main(argv):
                                      options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(train_state["optimizer"])
-        torch.set_rng_state(train_state["rng_cpu"])
-        if dev.type == "cuda" and train_state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(train_state["rng_cuda"])
         if master:
             print(f"resumed from {out} at step {step}")
 
     def order_for(epoch):
-        if cfg["group_by_length"]:
-            return length_grouped_order(lengths, per_step, cfg["seed"] + epoch)
+        if cfg["group_by_length"]:  # micro batches of similar lengths, whatever the process count
+            return length_grouped_order(lengths, cfg["micro_batch_size"], cfg["seed"] + epoch)
         return torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()
 
     def batches(start_step):
-        """Micro-batches of this rank from the global step start_step on (the data position of a resume)."""
+        """This rank's micro batches from global step start_step on (a resume's data position). A step's
+        global batch is cut into the same micro batches on any number of processes; rank r takes every
+        world-th one, so 1 GPU with accumulation and N GPUs compute the same loss and gradient."""
         epoch, s = divmod(start_step, steps_per_epoch)
+        B, mb = cfg["global_batch_size"], cfg["micro_batch_size"]
         while True:
             order = order_for(epoch)
-            for k in range(s * accum, steps_per_epoch * accum):
-                chunk = order[k * per_step:(k + 1) * per_step]
-                yield chunk[rank::world]
+            for st in range(s, steps_per_epoch):
+                step_samples = order[st * B:(st + 1) * B]
+                for j in range(rank, B // mb, world):
+                    yield step_samples[j * mb:(j + 1) * mb]
             epoch, s = epoch + 1, 0
 
     loader = torch.utils.data.DataLoader(_IndexBatches(data, batches(step)), batch_size=None,
@@ -364,7 +371,11 @@ def main(argv):
     model.train()
     if model.vision is not None:
         model.vision.eval()  # frozen and without dropout
-    it = iter(loader)
+    it = iter(loader)  # (draws the workers' seeds from the RNG: restore the saved RNG after it)
+    if resuming:
+        torch.set_rng_state(train_state["rng_cpu"])
+        if dev.type == "cuda" and train_state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(train_state["rng_cuda"])
     t0, tokens_seen, flops_seen, losses, skipped = time.time(), 0, 0.0, [], 0
     while step < total:
         lr = lr_at(step, total, cfg)
@@ -375,7 +386,9 @@ def main(argv):
             batch = next(it)
             skipped += batch["skipped"]
             if "input_ids" not in batch:  # every sample of this micro batch was unreadable
-                continue
+                if not distributed:
+                    continue
+                batch = blank_batch(tokenizer)  # the other processes wait for this one's collectives
             media = [m.to(dev) if m is not None else None for m in batch["media"]]
             with autocast:
                 logits, loss = model(batch["input_ids"].to(dev), media, batch["prompts"],
@@ -418,6 +431,13 @@ def main(argv):
     if distributed:
         dist.destroy_process_group()
     return losses
+
+
+def blank_batch(tokenizer):
+    """A one-token text batch with no supervised label: its loss is 0 and so are its gradients."""
+    ids = torch.tensor([[tokenizer.bos_id, tokenizer.bos_id]])
+    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
+            "media": [None], "prompts": [[]], "skipped": 0}
 
 
 class _IndexBatches(torch.utils.data.IterableDataset):

@@ -603,14 +603,14 @@ class LLaVADataset(torch.utils.data.Dataset):
         if media is not None and self.template != "plain_guided":
             conv = image_first(conv)
         long_video = media is not None and media.ndim == 3
-        if long_video:  # the movie text replaced the placeholder; the guided prompt is the question
-            ids, labels, _ = preprocess(conv, self.tokenizer, self.template, has_image=True, rng=rng,
-                                        max_len=self.max_len)
-            question = sample["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
-            prompts = [question]
-        else:
+        try:
             ids, labels, prompts = preprocess(conv, self.tokenizer, self.template, has_image=media is not None,
                                               rng=rng, max_len=self.max_len)
+        except ValueError as e:
+            warnings.warn(f"skipping sample {i} (id {sample.get('id')}): {e}")
+            return None
+        if long_video:  # the movie text replaced the placeholder; the guided prompt is the question
+            prompts = [sample["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()]
         return {"input_ids": ids[:self.max_len], "labels": labels[:self.max_len], "media": media,
                 "prompts": prompts}
 

@@ -1,0 +1,166 @@
+"""train.py on the fixture checkpoints: learning, the stage's frozen parts, exact resume, 1 vs 2 processes,
+checkpoints in the original layout; the dataset's skipping, length grouping and safe feature import."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from data import LLaVADataset, Tokenizer, collate, import_feature_pkl, length_grouped_order, write_video
+from model import LlamaVID
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, fixtures):
+    d = tmp_path_factory.mktemp("data")
+    for k in range(2):
+        frames = np.zeros((4, 48, 64, 3), np.uint8)
+        for t in range(4):
+            frames[t, :, 10 * t + 5 * k:10 * t + 5 * k + 12] = (255, 80 * k, 0)
+        write_video(d / f"v{k}.mp4", frames, fps=2)
+    image = str(fixtures / "cases" / "image.png")
+    samples = []
+    for k in range(8):
+        if k % 3 == 0:
+            conv = [{"from": "human", "value": "<image>\nWhat is red?"}, {"from": "gpt", "value": "A circle."}]
+            samples.append({"id": k, "image": image, "conversations": conv})
+        elif k % 3 == 1:
+            conv = [{"from": "human", "value": "What moves?\n<image>"}, {"from": "gpt", "value": "A bar."},
+                    {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Red."}]
+            samples.append({"id": k, "video": f"v{k % 2}.mp4", "conversations": conv})
+        else:
+            samples.append({"id": k, "conversations": [{"from": "human", "value": "Say hi"},
+                                                       {"from": "gpt", "value": "hi"}]})
+    (d / "data.json").write_text(json.dumps(samples))
+    return d
+
+
+def run(args, out, nproc=None, **kw):
+    base = [f"--out_dir={out}", "--num_workers=0", "--learning_rate=1e-3", "--dropout=0.0", "--log_interval=1"]
+    if nproc is None:
+        return train.main(args + base + [f"--{k}={v}" for k, v in kw.items()])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "train.py"] + args + base
+    cmd += [f"--{k}={v}" for k, v in kw.items()]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return [json.loads(line[line.index("{"):])["loss"] for line in res.stdout.splitlines() + res.stderr.splitlines()
+            if '"loss"' in line]
+
+
+def stage2_args(fixtures, dataset):
+    return ["--stage=2", f"--init_from={fixtures / 'video'}", f"--data_path={dataset / 'data.json'}",
+            f"--video_folder={dataset}", "--global_batch_size=4", "--micro_batch_size=2"]
+
+
+def test_stage2_learns_and_saves_original_layout(fixtures, dataset, tmp_path):
+    losses = run(stage2_args(fixtures, dataset), tmp_path / "out", max_steps=6)
+    assert losses[-1] < 0.8 * losses[0]
+    out = tmp_path / "out"
+    keys = set(load_file(str(out / "model.safetensors")))
+    original = set(json.loads((fixtures / "video" / "pytorch_model.bin.index.json").read_text())["weight_map"])
+    original = {k for k in original if "rotary_emb" not in k and "position_ids" not in k}
+    assert original <= keys  # every key the original checkpoint has, under the same name
+    assert all(k in keys or not k.startswith("model.vision_tower") for k in original)
+    model = LlamaVID.from_pretrained(out)  # loads back as an original-layout checkpoint
+    assert model.visual.cfg.compress_type == "mean"
+
+
+def test_stage_freezing(fixtures, dataset, tmp_path):
+    """Stage 1 trains only the projectors; stage 3 leaves every vlm_att_* module alone."""
+    ref = LlamaVID.from_pretrained(fixtures / "video")
+    ref_state = {k: v.clone() for k, v in ref.state_dict().items()}
+    captions = [{"id": k, "image": str(fixtures / "cases" / "image.png"),
+                 "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Shapes."}]}
+                for k in range(2)]
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    run(["--stage=1", f"--init_from={fixtures / 'video'}", f"--data_path={tmp_path / 'captions.json'}",
+         f"--video_folder={dataset}", "--global_batch_size=2", "--micro_batch_size=2", "--template=plain_guided"],
+        tmp_path / "s1", max_steps=2)
+    run(["--stage=3", f"--init_from={fixtures / 'video'}", f"--data_path={dataset / 'data.json'}",
+         f"--video_folder={dataset}", "--global_batch_size=2", "--micro_batch_size=2", "--max_len=8192"],
+        tmp_path / "s3", max_steps=2)
+    s1 = LlamaVID.from_pretrained(tmp_path / "s1").state_dict()
+    s3 = LlamaVID.from_pretrained(tmp_path / "s3")
+    for name, v in ref_state.items():
+        trained1 = name.startswith(train.TRAINABLE[1])
+        trained3 = name.startswith(train.TRAINABLE[3])
+        assert torch.equal(s1[name], v) != trained1, name
+        assert torch.equal(s3.state_dict()[name], v) != trained3, name
+    assert (tmp_path / "s1" / "mm_projector.bin").exists()
+    # stage 3 stretched RoPE linearly: ceil(8192 / 4096) = 2 on the fixture's 4096 positions
+    assert s3.llm.cfg.rope_scaling == {"type": "linear",
+                                       "factor": float(-(-8192 // ref.llm.cfg.max_seq_len))}
+
+
+def test_resume_is_exact(fixtures, dataset, tmp_path):
+    straight = run(stage2_args(fixtures, dataset), tmp_path / "a", max_steps=4, resume=False)
+    run(stage2_args(fixtures, dataset), tmp_path / "b", max_steps=2, resume=False)
+    resumed = run(stage2_args(fixtures, dataset), tmp_path / "b", max_steps=4)  # picks up train_state.pt
+    assert resumed[-2:] == straight[-2:]
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one(fixtures, dataset, tmp_path):
+    """FSDP2 over 2 processes (gloo on the CPU) gives the losses of one process with the same global batch."""
+    one = run(stage2_args(fixtures, dataset), tmp_path / "one", max_steps=3)
+    two = run(stage2_args(fixtures, dataset), tmp_path / "two", nproc=2, max_steps=3)
+    assert len(two) == 3
+    assert np.allclose(one, two, rtol=1e-4), (one, two)
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(ValueError, match="unknown setting --learnig_rate"):
+        train.apply_overrides(["--learnig_rate=1"], {"learning_rate": 1e-3})
+
+
+# --- the dataset ---------------------------------------------------------------------------------------------
+
+def test_unreadable_samples_are_skipped_and_counted(fixtures, tmp_path):
+    samples = [{"id": 0, "video": "missing.mp4", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                                   {"from": "gpt", "value": "y"}]},
+               {"id": 1, "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]
+    (tmp_path / "d.json").write_text(json.dumps(samples))
+    data = LLaVADataset(tmp_path / "d.json", Tokenizer(fixtures / "video"), "imgsp_v1", video_folder=tmp_path)
+    with pytest.warns(UserWarning, match="missing.mp4"):
+        batch = collate([data[0], data[1]])
+    assert batch["skipped"] == 1 and batch["input_ids"].shape[0] == 1
+
+
+def test_length_grouping_keeps_modalities_apart():
+    lengths = [5, -3, 40, -30, 7, 100, -2, 60, 9, -50, 3, 80]
+    order = length_grouped_order(lengths, 2, seed=0)
+    assert sorted(order) == list(range(len(lengths)))
+    for k in range(0, len(order) - len(order) % 2, 2):
+        pair = order[k:k + 2]
+        assert (lengths[pair[0]] > 0) == (lengths[pair[1]] > 0)
+    assert max(abs(lengths[i]) for i in order[:2]) == 100  # the longest group comes first
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_feature_pkl_import_is_safe(tmp_path):
+    feats = np.random.rand(3, 5, 8).astype(np.float16)
+    with open(tmp_path / "ok.pkl", "wb") as f:
+        pickle.dump({"feats": feats, "inputs": "<image>Hello<image><image>"}, f)
+    out = import_feature_pkl(tmp_path / "ok.pkl")
+    back = load_file(str(out))["features"]
+    assert np.array_equal(back.numpy(), feats)
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"feats": feats, "x": Evil()}, f)
+    with pytest.raises(ValueError, match="refusing to load posix.system|refusing to load os.system"):
+        import_feature_pkl(tmp_path / "evil.pkl")

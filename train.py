@@ -56,7 +56,8 @@ num_workers = 2
 device = "auto"
 # logging and saving
 log_interval = 1
-save_interval = 1000         # steps; a final checkpoint is always written
+save_interval = 1000         # steps; a final checkpoint is written too
+save_checkpoints = True      # False: measure only (benchmark runs)
 wandb_log = False
 wandb_project = "llama-vid"
 wandb_run_name = "run"
@@ -100,12 +101,14 @@ def set_trainable(model, stage):
 def build_model(cfg, device, vocab=None):
     """The model a stage starts from, with float32 master weights."""
     from model import LLaMA, LlamaVID, LLaMAConfig, find_bert_vocab, read_config
-    from tokens import TokenConfig, VisualTokenizer
+    from tokens import QFormerConfig, TokenConfig, VisualTokenizer
     from vision import EVAConfig, EVAViT
-    if cfg["stage"] == 1 and cfg["init_from"] in ("", "scratch"):
-        if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs)
-            llm = LLaMA(LLaMAConfig(**cfg["llm_config"]))
-            vision = EVAViT(EVAConfig(**cfg["vision_config"])).requires_grad_(False)
+    if cfg["init_from"] == "scratch" or (cfg["stage"] == 1 and not cfg["init_from"]):
+        if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs, benchmarks)
+            with torch.device(device):  # initialised where it will run: a 7B model is never built on the CPU
+                llm = LLaMA(LLaMAConfig(**(cfg["llm_config"] or {})))
+                vision = EVAViT(EVAConfig(**(cfg["vision_config"] or {}))).requires_grad_(False)
+                llm.inv_freq = llm._inv_freq(device)
             hf = {"vocab_size": llm.cfg.vocab_size, "hidden_size": llm.cfg.dim,
                   "num_hidden_layers": llm.cfg.n_layers, "num_attention_heads": llm.cfg.n_heads,
                   "num_key_value_heads": llm.cfg.n_kv_heads, "intermediate_size": llm.cfg.hidden_dim,
@@ -113,9 +116,12 @@ def build_model(cfg, device, vocab=None):
                   "rope_theta": llm.cfg.rope_theta, "model_type": "llava", "architectures": ["LlavaLlamaAttForCausalLM"],
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
                   "hidden_act": "silu", "torch_dtype": "float32"}
-            tcfg = TokenConfig(**{**cfg["token_config"], "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width,
+            tok = dict(cfg["token_config"] or {})
+            qcfg = QFormerConfig(**{**tok.pop("qformer", {}), "vision_width": vision.cfg.width})
+            tcfg = TokenConfig(**{**tok, "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width, "qformer": qcfg,
                                   "compress_type": cfg["compress_type"], "bert_type": cfg["bert_type"]})
-            visual = VisualTokenizer(tcfg)
+            with torch.device(device):
+                visual = VisualTokenizer(tcfg)
         else:
             hf = read_config(Path(cfg["llm_path"]))
             llm = LLaMA.from_pretrained(cfg["llm_path"])
@@ -412,11 +418,13 @@ def main(argv):
             msg = {"step": step, "loss": round(losses[-1], 4), "lr": lr, "tokens/s": round(tokens_seen / dt)}
             if peak:
                 msg["mfu"] = round(flops_seen / dt / (peak * world), 4)
+            if dev.type == "cuda":
+                msg["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
             bar.write(json.dumps(msg))
             if wandb is not None:
                 wandb.log(msg)
             t0, tokens_seen, flops_seen = time.time(), 0, 0.0
-        if step % cfg["save_interval"] == 0 or step == total:
+        if cfg["save_checkpoints"] and (step % cfg["save_interval"] == 0 or step == total):
             state = {"rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "losses": losses}
             save_checkpoint(model, optimizer, step, cfg, distributed, rank, src_dir, vocab, state)

@@ -717,3 +717,237 @@ def import_feature_pkl(pkl_path, out_path=None):
               metadata={"video_input": str(info.get("inputs", ""))})
     tmp.replace(out)
     return out
+
+
+# ==========================================================================================================
+# synthetic shapes dataset: the quick start's data (config/shapes.py trains on it). Short clips of coloured
+# shapes that drift about and appear, disappear or change colour, one at a time; the questions ask what
+# happens when, so a model must read the frames in order. Everything follows from the seed.
+
+SHAPES = ("square", "circle", "triangle")
+COLOURS = {"red": (225, 40, 40), "green": (40, 190, 60), "blue": (40, 90, 235), "yellow": (235, 215, 40)}
+NUMBERS = ("none", "one", "two", "three")
+TIME_ORDER_TYPES = ("after", "before", "first")  # answerable only by comparing the frames in order
+QUESTION_TYPES = TIME_ORDER_TYPES + ("colour", "change", "count")
+SHAPES_VERSION = 1  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
+
+
+def shapes_clip(rng, frames=16, size=64):
+    """A random clip description: 2-3 objects (distinct shapes and colours, each drifting inside its own
+    quarter of the frame) and 2-3 events, each on a different object, at least 3 frames apart."""
+    if frames < 12:
+        raise ValueError(f"a shapes clip needs at least 12 frames for its events, got {frames}")
+    n_obj = rng.choice((2, 3, 3))
+    shapes, colours, cells = rng.sample(SHAPES, n_obj), rng.sample(list(COLOURS), n_obj), rng.sample(range(4), n_obj)
+    r = 0.135 * size  # half the object's extent: ~17 px objects in 64 px frames
+    objects = []
+    for k in range(n_obj):
+        x0, y0 = (cells[k] % 2) * size / 2, (cells[k] // 2) * size / 2
+        lo, hi = r + 1, size / 2 - r - 1  # the object stays inside its quarter: objects never overlap
+        objects.append({"shape": shapes[k], "colour": colours[k], "x0": x0, "y0": y0, "lo": lo, "hi": hi,
+                        "x": rng.uniform(lo, hi), "y": rng.uniform(lo, hi),
+                        "vx": rng.uniform(-0.6, 0.6), "vy": rng.uniform(-0.6, 0.6)})
+    n_events = 2 if n_obj == 2 else rng.choice((2, 3))
+    while True:  # event frames: two quiet frames at each end, events 3+ frames apart
+        times = sorted(rng.sample(range(2, frames - 2), n_events))
+        if all(b - a >= 3 for a, b in zip(times, times[1:])):
+            break
+    events = []
+    for t, k in zip(times, rng.sample(range(n_obj), n_events)):
+        kind = rng.choice(("appear", "disappear", "turn"))
+        event = {"frame": t, "object": k, "kind": kind}
+        if kind == "turn":
+            event["to"] = rng.choice([c for c in COLOURS if c != objects[k]["colour"]])
+        events.append(event)
+    return {"frames": frames, "size": size, "background": rng.randint(15, 70), "r": r, "objects": objects,
+            "events": events}
+
+
+def _object_state(clip, k, t):
+    """(present, colour) of object k in frame t."""
+    colour, present = clip["objects"][k]["colour"], True
+    for e in clip["events"]:
+        if e["object"] == k:
+            if e["kind"] == "appear":
+                present = t >= e["frame"]
+            elif e["kind"] == "disappear":
+                present = t < e["frame"]
+            elif t >= e["frame"]:
+                colour = e["to"]
+    return present, colour
+
+
+def _bounce(p, lo, hi):
+    """p folded into [lo, hi] as a ball bouncing between two walls."""
+    span = hi - lo
+    q = (p - lo) % (2 * span)
+    return lo + (q if q <= span else 2 * span - q)
+
+
+def render_shapes_clip(clip):
+    """The clip's frames, uint8 (T, size, size, 3)."""
+    T, S, r = clip["frames"], clip["size"], clip["r"]
+    yy, xx = np.mgrid[0:S, 0:S] + 0.5
+    video = np.full((T, S, S, 3), clip["background"], np.uint8)
+    for k, o in enumerate(clip["objects"]):
+        for t in range(T):
+            present, colour = _object_state(clip, k, t)
+            if not present:
+                continue
+            dx = xx - (o["x0"] + _bounce(o["x"] + o["vx"] * t, o["lo"], o["hi"]))
+            dy = yy - (o["y0"] + _bounce(o["y"] + o["vy"] * t, o["lo"], o["hi"]))
+            if o["shape"] == "square":
+                mask = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+            elif o["shape"] == "circle":
+                mask = dx ** 2 + dy ** 2 <= r ** 2
+            else:  # a triangle pointing up: apex r above the centre, base r below it
+                mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+            video[t][mask] = COLOURS[colour]
+    return video
+
+
+def _event_text(clip, e):
+    o = clip["objects"][e["object"]]
+    name = f"the {o['colour']} {o['shape']}"  # each object has one event at most: its colour before it
+    return {"appear": f"{name} appears", "disappear": f"{name} disappears"}.get(e["kind"], f"{name} turns {e.get('to')}")
+
+
+def shapes_caption(clip):
+    """What the clip shows, in order: the stage-1 caption."""
+    start = [f"a {c} {o['shape']}" for k, o in enumerate(clip["objects"])
+             for present, c in [_object_state(clip, k, 0)] if present]
+    start = " and ".join([", ".join(start[:-1]), start[-1]] if len(start) > 1 else start) or "an empty frame"
+    return f"{start}. " + ", then ".join(_event_text(clip, e) for e in clip["events"]) + "."
+
+
+def shapes_question(clip, kind, rng):
+    """(question, answer) of one question type about a clip (see QUESTION_TYPES)."""
+    events, T = clip["events"], clip["frames"]
+    text = [_event_text(clip, e) for e in events]
+    if kind == "after":  # the event right after a given one
+        i = rng.randrange(len(events) - 1)
+        return f"What happens after {text[i]}?", text[i + 1]
+    if kind == "before":
+        i = rng.randrange(1, len(events))
+        return f"What happens before {text[i]}?", text[i - 1]
+    if kind == "first":  # two events in random order
+        i, j = sorted(rng.sample(range(len(events)), 2))
+        a, b = (i, j) if rng.random() < 0.5 else (j, i)
+        return f"Which happens first: {text[a]} or {text[b]}?", text[i]
+    k = rng.randrange(len(clip["objects"]))
+    shape = clip["objects"][k]["shape"]
+    if kind == "colour":
+        when = [w for w, t in (("start", 0), ("end", T - 1)) if _object_state(clip, k, t)[0]]
+        when = rng.choice(when)
+        return f"What colour is the {shape} at the {when}?", _object_state(clip, k, 0 if when == "start" else T - 1)[1]
+    if kind == "change":
+        e = next((e for e in events if e["object"] == k), None)
+        answer = "nothing" if e is None else {"appear": "it appears", "disappear": "it disappears"}.get(
+            e["kind"], f"it turns {e.get('to')}")
+        return f"What happens to the {shape}?", answer
+    if kind == "count":
+        when = rng.choice(("start", "end"))
+        t = 0 if when == "start" else T - 1
+        n = sum(_object_state(clip, k, t)[0] for k in range(len(clip["objects"])))
+        return f"How many shapes are there at the {when}?", NUMBERS[n]
+    raise ValueError(f"unknown shapes question type {kind!r}: use one of {', '.join(QUESTION_TYPES)}")
+
+
+def write_shapes_clip(path, seed, frames=16, size=64, fps=8):
+    """Write one clip (a fresh one for any seed) and return (clip description, {type: (question, answer)})."""
+    rng = random.Random(f"shapes-clip-{seed}")
+    clip = shapes_clip(rng, frames, size)
+    write_video(path, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
+    return clip, {kind: shapes_question(clip, kind, rng) for kind in QUESTION_TYPES}
+
+
+TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "first": 2, "colour": 1, "change": 1, "count": 1}
+
+
+def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=8, vocab_size=512,
+                        samples_per_clip=2, multi_turn=0.25, qformer_heads=4, force=False):
+    """Write the synthetic shapes dataset to out_dir; nothing is done when out_dir already holds this one.
+
+    videos/{train,val}_NNNNN.mp4; train.json (LLaVA format, `samples_per_clip` question samples a clip, a
+    `multi_turn` share of them with 2-3 turns, time-order questions weighted up); captions.json (one stage-1
+    caption a train clip, plain_guided form: human "<image>", gpt caption); val.json (one question a val clip,
+    types in turn, each item with its "type"); tokenizer.model + tokenizer_config.json (a LLaMA-style
+    SentencePiece BPE with byte fallback, trained on the train text); bert/vocab.txt + bert/config.json (the
+    Q-Former's WordPiece vocabulary: BERT's specials, then the lower-case words of the questions)."""
+    out = Path(out_dir)
+    args = {"version": SHAPES_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed, "frames": frames,
+            "size": size, "fps": fps, "vocab_size": vocab_size, "samples_per_clip": samples_per_clip,
+            "multi_turn": multi_turn, "qformer_heads": qformer_heads}
+    manifest = out / "manifest.json"
+    if not force and manifest.is_file() and json.loads(manifest.read_text()) == args:
+        return out
+    if n_train < 1 or n_val < 0:
+        raise ValueError(f"make_shapes_dataset needs n_train >= 1 and n_val >= 0, got {n_train} and {n_val}")
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    manifest.unlink(missing_ok=True)  # written last: a run cut short is redone
+    kinds, weights = list(TRAIN_TYPE_WEIGHTS), list(TRAIN_TYPE_WEIGHTS.values())
+    train, captions, val, text, questions = [], [], [], [], []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            rng = random.Random(f"shapes-{seed}-{split}-{i}")  # a clip does not depend on n_train / n_val
+            clip = shapes_clip(rng, frames, size)
+            video = f"videos/{split}_{i:05d}.mp4"
+            write_video(out / video, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
+            if split == "val":
+                kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+                q, a = shapes_question(clip, kind, rng)
+                val.append({"id": f"val_{i:05d}", "video": video, "type": kind, "conversations": [
+                    {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+                continue
+            caption = shapes_caption(clip)
+            captions.append({"id": f"cap_{i:05d}", "video": video, "conversations": [
+                {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]})
+            text.append(caption)
+            for j in range(samples_per_clip):
+                turns = rng.choice((2, 3)) if rng.random() < multi_turn else 1
+                conv, types = [], []
+                while len(types) < turns:  # weighted draws, no type twice in a conversation
+                    kind = rng.choices(kinds, weights)[0]
+                    if kind in types:
+                        continue
+                    q, a = shapes_question(clip, kind, rng)
+                    conv += [{"from": "human", "value": (f"<image>\n{q}" if not conv else q)},
+                             {"from": "gpt", "value": a}]
+                    types.append(kind)
+                    text += [q, a]
+                    questions.append(q)
+                train.append({"id": f"train_{i:05d}_{j}", "video": video, "types": types, "conversations": conv})
+    for name, items in (("train.json", train), ("captions.json", captions), ("val.json", val)):
+        (out / name).write_text(json.dumps(items, indent=1))
+    _write_shapes_tokenizer(out, text, vocab_size)
+    _write_shapes_wordpiece(out / "bert", questions, qformer_heads)
+    manifest.write_text(json.dumps(args))
+    return out
+
+
+def _write_shapes_tokenizer(out, text, vocab_size):
+    """A LLaMA-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no
+    normalisation) trained on the dataset's text plus the chat template's words."""
+    lines = [SYSTEM_VICUNA, "USER: ASSISTANT:"] * 50 + text
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2)
+    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "pad_token": None, "model_max_length": 2048}, indent=2))
+
+
+def _write_shapes_wordpiece(out, questions, heads):
+    """bert-style vocab.txt ([PAD]=0, [UNK], [CLS], [SEP], [MASK], then punctuation and lower-case words, so
+    no question needs word pieces) and a config.json (model_type bert) giving the Q-Former's head count."""
+    out.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for q in questions for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", q.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    (out / "vocab.txt").write_text("".join(w + "\n" for w in vocab))
+    (out / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": len(vocab), "hidden_size": 64,
+                                                 "num_attention_heads": heads}, indent=2))

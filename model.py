@@ -203,7 +203,7 @@ class LLaMA(nn.Module):
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Preallocate a static KV cache of max_len slots in every layer (generation)."""
-        p = self.output.weight
+        p = self.tok_embeddings.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_len, self.cfg.head_dim,
                                                dtype or p.dtype, device or p.device)
@@ -525,6 +525,11 @@ class LlamaVID(nn.Module):
     def is_features(self, media: torch.Tensor) -> bool:
         """Precomputed EVA features (T, N, W) rather than pixels (T, 3, S, S)."""
         return media.ndim == 3 and media.shape[-1] == self.mm_hidden_size
+
+    def tokens_per_frame(self) -> int:
+        """LLM tokens per image / frame from pixels: a context token and the content tokens."""
+        patch = self.vision.cfg.patch_size if self.vision is not None else 14
+        return self.visual.tokens_per_frame((self.image_size // patch) ** 2)
 
     def media_tokens(self, media: torch.Tensor, prompts: list) -> torch.Tensor:
         """Visual tokens of one image / video: (len(prompts), tokens, dim), one row per guiding question."""

@@ -1,5 +1,5 @@
-"""Its own file because it rewrites a built model (swapping its nn.Linear layers) rather than defining one, and sample.py,
-serve.py and bench.py share it: weight-only int8 (per output channel) and int4 (group-wise) Linear layers for the LLM."""
+"""Its own file because it rewrites a built model (swaps its nn.Linear layers) instead of defining one, for sample.py,
+serve.py and bench.py alike: weight-only int8 (per output channel) and int4 (group-wise) Linear layers for the LLM."""
 import warnings
 
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 # The recipe is gpt-fast's: weights are stored in low precision and dequantised on the fly; activations stay bf16.
 # Decoding a 7B model reads every weight once per token, so halving (int8) or quartering (int4) the bytes read
-# is what makes it faster. Prefill is compute bound and gains nothing.
+# is what makes it faster. Prefill is compute bound: it gains nothing (int4 kernels may even be slower there).
 #
 # int8: symmetric, one scale per output row:   w ~ q * scale,                 q in [-127, 127]
 # int4: asymmetric, one (scale, zero) per group of `groupsize` inputs of a row:
@@ -176,7 +176,8 @@ class Int4Linear(nn.Module):
             return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize, sz)
         if self.backend == "cpu":
             if x2.is_cuda:
-                raise ValueError("these int4 weights were packed for the CPU; quantise the model on the device it runs on")
+                raise ValueError("these int4 weights were packed for the CPU; quantise the model on the device it "
+                                 "runs on")
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(sz.dtype), self.weight, self.groupsize, sz)
         G = sz.shape[0]
         q = unpack_int4(self.weight).to(x2.dtype).view(self.n_pad, G, self.groupsize)

@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto picks the first available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--cache-dir", type=Path, default=None, help="where movie feature caches go (default: beside the video)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where movie feature caches go (default: beside the video)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="print each full prompt to stderr before its answer")
     args = p.parse_args(argv)
@@ -79,7 +80,7 @@ def extract_features(model, frames, batch_size=32):
     an hour of 720p video never sits decoded in memory at once."""
     from tqdm import tqdm
     from vision import preprocess_frames
-    dev, dtype = model.llm.output.weight.device, model.llm.output.weight.dtype
+    dev, dtype = model.llm.tok_embeddings.weight.device, model.llm.tok_embeddings.weight.dtype
     out, times, batch = [], [], []
 
     def flush():
@@ -133,22 +134,9 @@ def read_feature_cache(path: Path):
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a feature cache written by sample.py ({e})") from None
     if "features" not in d or "times" not in d or d["features"].ndim != 3:
-        raise ValueError(f"{path} is not a feature cache written by sample.py (needs 'features' (T, 1+N, W) and 'times')")
+        raise ValueError(f"{path} is not a feature cache written by sample.py (needs 'features' (T, 1+N, W) and "
+                         "'times')")
     return d["features"], d["times"].tolist()
-
-
-def tokens_per_frame(model) -> int:
-    """Visual tokens the model makes from one image / video frame: a context token plus the content tokens
-    (all patches, one mean token, or a g x g grid; see tokens.VisualTokenizer._tokens)."""
-    patch = model.vision.cfg.patch_size if model.vision is not None else 14
-    patches = (model.image_size // patch) ** 2
-    compress = model.visual.cfg.compress_type
-    if compress is None:
-        return 1 + patches
-    if compress == "mean":
-        return 2
-    side, grid = math.isqrt(patches), int(compress[5:])
-    return 1 + (side // (side // grid)) ** 2
 
 
 def prompt_length(model, ids, media) -> int:
@@ -158,7 +146,7 @@ def prompt_length(model, ids, media) -> int:
     slots = int((ids == IMAGE_TOKEN_INDEX).sum())
     if media is None or slots == 0 or model.is_features(media):  # long video: one token per placeholder
         return len(ids)
-    return len(ids) - slots + slots * media.shape[0] * tokens_per_frame(model)
+    return len(ids) - slots + slots * media.shape[0] * model.tokens_per_frame()
 
 
 class Chat:
@@ -169,7 +157,9 @@ class Chat:
         self.movie_text = movie_text  # the movie prompt (frames and subtitles) that precedes the first question
         self.messages = []
 
-    def first_message(self, question):
+    def with_media(self, question):
+        """The human message carrying the image / video. As the original's chat does, the media always goes with
+        the latest question (earlier turns keep only their text), and that question guides its tokens."""
         from data import IMAGE_TOKEN
         if self.media is None:
             return question
@@ -179,26 +169,26 @@ class Chat:
 
     def prompt_text(self, question):
         from data import build_prompt
-        human = self.first_message(question) if not self.messages else question
-        return build_prompt(self.messages + [("USER", human), ("ASSISTANT", None)], "vicuna_v1")
+        return build_prompt(self.messages + [("USER", self.with_media(question)), ("ASSISTANT", None)], "vicuna_v1")
 
     def prompt_ids(self, question):
         from data import tokenize_with_images
-        human = self.first_message(question) if not self.messages else question
-        return torch.tensor(tokenize_with_images(self.prompt_text(question), self.tokenizer)), human
+        return torch.tensor(tokenize_with_images(self.prompt_text(question), self.tokenizer)), question
 
     def ask(self, question, max_new_tokens, temperature, top_p, stream=None, generator=None, debug=False):
         ids, human = self.prompt_ids(question)
         n, context = prompt_length(self.model, ids, self.media), self.model.llm.cfg.context_length
         if n >= context:
-            frames = "" if self.media is None else f" ({self.media.shape[0]} frames)"
+            frames = f" ({self.media.shape[0]} frames)" if self.media is not None and len(self.media) > 1 else ""
             raise ValueError(f"the prompt is {n} tokens{frames} but the model's context is {context} tokens: use "
                              "fewer frames (--fps, --max-frames) or a shorter question / conversation")
-        max_new_tokens = min(max_new_tokens, context - n)  # the answer may use what is left, no more
+        if n + max_new_tokens > context:  # the answer may use what is left, no more
+            max_new_tokens = context - n
+            print(f"note: {max_new_tokens} tokens of context left; the answer stops there", file=sys.stderr)
         if debug:
             print(f"[prompt, {n} tokens] {self.prompt_text(question)}", file=sys.stderr, flush=True)
-        dev = self.model.llm.output.weight.device
-        media = None if self.media is None else [self.media.to(dev, self.model.llm.output.weight.dtype)]
+        dev = self.model.llm.tok_embeddings.weight.device
+        media = None if self.media is None else [self.media.to(dev, self.model.llm.tok_embeddings.weight.dtype)]
         new, printed = [], ""
 
         def on_token(tok):

@@ -441,6 +441,16 @@ class VisualTokenizer(nn.Module):
         self.wordpiece = wordpiece if isinstance(wordpiece, WordPiece) else WordPiece(wordpiece)
         return self
 
+    def tokens_per_frame(self, n_patches: int) -> int:
+        """Tokens one frame of n_patches patches (cls excluded) becomes: a context token + the content tokens."""
+        ct = self.cfg.compress_type
+        if ct is None:
+            return 1 + n_patches
+        if ct == "mean":
+            return 2
+        side = math.isqrt(n_patches)
+        return 1 + (side // (side // int(ct[5:]))) ** 2
+
     def _tokens(self, features, input_ids, text_mask):
         """One batch of B (frame, prompt) rows: features (B, M, W), ids/mask (B, L) -> (B, 1 + n, llm_dim)."""
         cfg = self.cfg

@@ -36,6 +36,9 @@ video_token = 2
 max_len = 2048
 out_dir = "out/run"
 resume = True                # continue from out_dir/train_state.pt when it exists
+stages = ()                  # several stages in one command, e.g. (1, 2) (config/shapes.py): see run_stages
+stage_overrides = {}         # {stage: {key: value}} for run_stages: over the config file, under --key=value
+shapes_dataset = {}          # data.make_shapes_dataset arguments: that synthetic data is written first (once)
 # optimisation
 learning_rate = 2e-5
 min_lr = 0.0
@@ -101,7 +104,7 @@ def set_trainable(model, stage):
 def build_model(cfg, device, vocab=None):
     """The model a stage starts from, with float32 master weights."""
     from model import LLaMA, LlamaVID, LLaMAConfig, find_bert_vocab, read_config
-    from tokens import QFormerConfig, TokenConfig, VisualTokenizer
+    from tokens import QFormerConfig, TokenConfig, VisualTokenizer, WordPiece, bert_num_heads
     from vision import EVAConfig, EVAViT
     if cfg["init_from"] == "scratch" or (cfg["stage"] == 1 and not cfg["init_from"]):
         if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs, benchmarks)
@@ -117,7 +120,10 @@ def build_model(cfg, device, vocab=None):
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
                   "hidden_act": "silu", "torch_dtype": "float32"}
             tok = dict(cfg["token_config"] or {})
-            qcfg = QFormerConfig(**{**tok.pop("qformer", {}), "vision_width": vision.cfg.width})
+            qcfg = dict(tok.pop("qformer", {}))
+            qcfg.setdefault("vocab_size", len(WordPiece(vocab)))  # the given vocabulary, "[DEC]" included
+            qcfg.setdefault("num_heads", bert_num_heads(vocab, qcfg.get("hidden_size", 768)))  # its config.json
+            qcfg = QFormerConfig(**{**qcfg, "vision_width": vision.cfg.width})
             tcfg = TokenConfig(**{**tok, "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width, "qformer": qcfg,
                                   "compress_type": cfg["compress_type"], "bert_type": cfg["bert_type"]})
             with torch.device(device):
@@ -259,6 +265,8 @@ def main(argv):
     cfg_ns.update(llm_config=None, vision_config=None, token_config=None)  # shapes of a scratch model
     apply_overrides(argv, cfg_ns)
     cfg = cfg_ns
+    if cfg["stages"]:
+        return run_stages(argv, cfg)
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -273,6 +281,12 @@ def main(argv):
         rank, world = 0, 1
         dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     master = rank == 0
+    if cfg["shapes_dataset"]:  # the quick start's synthetic clips and vocabularies (skipped once written)
+        if master:
+            from data import make_shapes_dataset
+            make_shapes_dataset(**cfg["shapes_dataset"])
+        if distributed:
+            dist.barrier()
     torch.manual_seed(cfg["seed"] + rank)
     compute_dtype = getattr(torch, cfg["dtype"])
     if dev.type == "cpu" and compute_dtype != torch.float32:
@@ -438,6 +452,18 @@ def main(argv):
         print(f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in {out}")
     if distributed:
         dist.destroy_process_group()
+    return losses
+
+
+def run_stages(argv, cfg):
+    """`stages = (1, 2)`: train the stages one after the other in this process, each a main() of its own whose
+    settings are the config file(s), then stage_overrides[stage], then the command line's --key=value."""
+    files = [a for a in argv if not a.startswith("--")]
+    flags = [a for a in argv if a.startswith("--")]
+    losses = []
+    for s in cfg["stages"]:
+        extra = [f"--{k}={v!r}" for k, v in cfg["stage_overrides"].get(s, {}).items()]
+        losses.append(main(files + [f"--stage={s}"] + extra + flags + ["--stages=()"]))
     return losses
 
 

@@ -83,7 +83,7 @@ def api_answer(model, tokenizer, messages, media, guided, max_new_tokens=NEW):
 
 
 def movie_features(model, clip, size):
-    """EVA features of the clip's 1-fps frames, rounded to float16 as the cache (and the original's .pkl) stores them."""
+    """EVA features of the clip's 1-fps frames, in float16 as the cache (and the original's .pkl) stores them."""
     frames, times = load_video(clip, fps=1.0)
     with torch.no_grad():
         return model.vision(preprocess_frames(frames, size)).half(), times
@@ -162,28 +162,34 @@ def test_interactive_chat_is_multi_turn(fixtures, models, media):
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
     pixels = preprocess_frames(frames, image_size(ckpt))
     q1, q2 = "What moves?", "Which way does it go?"
-    first = [("USER", IMAGE_TOKEN + "\n" + q1)]
-    a1 = api_answer(model, tok, first + [("ASSISTANT", None)], pixels, q1)
-    a2 = api_answer(model, tok, first + [("ASSISTANT", a1.strip()), ("USER", q2), ("ASSISTANT", None)], pixels, q2)
+    # as the original's chat: the video goes with the latest question; earlier turns keep their text
+    a1 = api_answer(model, tok, [("USER", IMAGE_TOKEN + "\n" + q1), ("ASSISTANT", None)], pixels, q1)
+    a2 = api_answer(model, tok, [("USER", q1), ("ASSISTANT", a1.strip()), ("USER", IMAGE_TOKEN + "\n" + q2),
+                                 ("ASSISTANT", None)], pixels, q2)
     rc, out, err = run("--model-path", ckpt, "--video", media / "clip.mp4", "--debug", *CPU,
                        stdin=f"{q1}\n{q2}\n".encode())
     assert rc == 0, err
     assert out == f"USER: ASSISTANT: {a1}\nUSER: ASSISTANT: {a2}\nUSER: "
     # the second prompt carries the first exchange
-    assert f"USER: {IMAGE_TOKEN}\n{q1} ASSISTANT: {a1.strip()}</s>USER: {q2} ASSISTANT:" in err
+    assert f"USER: {q1} ASSISTANT: {a1.strip()}</s>USER: {IMAGE_TOKEN}\n{q2} ASSISTANT:" in err
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the prompt length is known before the vision tower runs
 
-@pytest.mark.parametrize("name", ["image", "video", "grid"])
+@pytest.mark.parametrize("name", ["image", "video", "grid", "long"])
 def test_prompt_length_matches_the_spliced_prompt(fixtures, models, media, name):
+    """sample.prompt_length counts from shapes what model.embed builds (all patches, mean, grid, movie)."""
     import sample
     model, tok = models(name)
-    frames, _ = load_video(media / "clip.mp4", fps=1.0)
+    frames, times = load_video(media / "clip.mp4", fps=1.0)
     pixels = preprocess_frames(frames, image_size(fixtures / name))
-    ids = torch.tensor(tokenize_with_images(
-        build_prompt([("USER", IMAGE_TOKEN + "\n" + QUESTION), ("ASSISTANT", None)], "vicuna_v1"), tok))
+    text = IMAGE_TOKEN + "\n" + QUESTION
+    if name == "long":  # a movie: cached features and one placeholder per token
+        with torch.no_grad():
+            pixels = model.vision(pixels)[:, 1:]
+        text = movie_prompt([], times, int(config(fixtures / name).get("video_token", 2))) + "\n" + QUESTION
+    ids = torch.tensor(tokenize_with_images(build_prompt([("USER", text), ("ASSISTANT", None)], "vicuna_v1"), tok))
     with torch.no_grad():
         embeds, _, _ = model.embed(ids[None], [pixels], [[QUESTION]])
     assert sample.prompt_length(model, ids, pixels) == embeds.shape[1]

@@ -1,0 +1,1089 @@
+"""An OpenAI-compatible HTTP server for LLaMA-VID (chat completions about an image or a video, streamed or not)
+and one static chat page. python serve.py --model-path DIR [--quantize int8|int4] [--host H --port P] [--media-dir D]"""
+import argparse
+import asyncio
+import base64
+import io
+import json
+import mimetypes
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+import sample  # the command line's device / dtype choice, default model and visual token count are ours too
+
+try:
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ImportError as e:  # the server is an optional extra; say how to get it rather than print a traceback
+    sys.exit(f"error: serve.py needs {e.name}, which is not installed: pip install -r requirements-serve.txt")
+
+EVA_BATCH = 32        # frames per vision-tower call: an hour of video never goes through EVA at once
+THUMBNAILS = 32       # at most this many frame previews per video (evenly spread) for the page
+THUMBNAIL_SIZE = 160  # px, the longer side of a preview
+MAX_STOPS = 4         # stop strings per request, OpenAI's limit
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", type=Path, default=None, help="LLaMA-VID checkpoint directory")
+    p.add_argument("--vision-path", type=Path, default=None, help="eva_vit_g.pth, if the checkpoint lacks it")
+    p.add_argument("--bert-path", type=Path, default=None, help="bert-base-uncased vocab.txt (or its folder)")
+    p.add_argument("--model-name", default=None, help="the id clients ask for (default: the directory's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--media-dir", type=Path, default=None,
+                   help="allow local paths / file:// URLs, but only of files under this directory")
+    p.add_argument("--allow-remote", action="store_true", help="allow http(s) media URLs (the server fetches them)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest image / video a request may carry")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of the LLM")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs; CUDA only)")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto picks the first available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
+    p.add_argument("--max-frames", type=int, default=None, help="cap on frames (evenly subsampled)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens of a request that gives none")
+    p.add_argument("--cache-mb", type=float, default=4096,
+                   help="memory for the EVA features of recent images / videos (least recently used go first)")
+    args = p.parse_args(argv)
+    if not args.fps > 0:
+        p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
+    if args.max_frames is not None and args.max_frames < 1:
+        p.error(f"--max-frames must be at least 1, got {args.max_frames}")
+    if not args.max_upload_mb > 0:
+        p.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.media_dir is not None and not args.media_dir.is_dir():
+        p.error(f"--media-dir {args.media_dir} is not a directory")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# errors: every failure a client can cause is one of these, answered in OpenAI's error shape
+
+class APIError(Exception):
+    def __init__(self, status, message, code=None, param=None, **extra):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.extra = status, message, code, param, extra
+
+    def body(self):
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code,
+                          **self.extra}}
+
+
+def too_large(size, limit, what="the request"):
+    return APIError(413, f"{what} is {size / 2**20:.1f} MB but this server takes uploads of up to "
+                         f"{limit / 2**20:g} MB (--max-upload-mb)", code="request_too_large")
+
+
+class Stopped(Exception):
+    """Raised from the token callback to end generation early: a stop string, or the client went away."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# requests: validated into plain data before they queue for the GPU
+
+@dataclass
+class Source:
+    """One image or video a request refers to: its bytes (uploads, remote URLs) or a path (under --media-dir)."""
+    kind: str      # "image" | "video"
+    sha256: str    # the cache key: the same file under any name or URL hits the same cache entry
+    label: str     # how error messages name it
+    data: Optional[bytes] = None
+    path: Optional[Path] = None
+    suffix: str = ""
+
+
+@dataclass
+class ChatRequest:
+    turns: list                 # [("USER"|"ASSISTANT", text)], alternating, first and last USER; no placeholders
+    media_turn: Optional[int]   # the turn that carries the image / video (the first user message holding it)
+    source: Optional[Source]
+    system: Optional[str]       # replaces the template's system sentence when given
+    question: str               # the last user message: it guides the Q-Former, as sample.py's Chat does
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list
+    seed: Optional[int]
+    stream: bool
+    include_usage: bool
+
+
+DATA_URL_PREFIX = "data:"
+NOT_MEDIA_OK = ("", "application/octet-stream", "binary/octet-stream")  # a type that says nothing: look inside
+
+
+def media_kind(mime, label, data=None, path=None):
+    """"image" or "video": from the declared type when it says, else from the content (Pillow reads it or not)."""
+    family = mime.split("/")[0]
+    if family in ("image", "video"):
+        return family
+    if mime not in NOT_MEDIA_OK:
+        raise APIError(415, f"{label} is {mime}, not an image or a video", code="unsupported_media_type")
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            image.verify()
+        return "image"
+    except Exception:  # anything Pillow cannot read goes to the video decoder, which says what is wrong with it
+        return "video"
+
+
+def read_data_url(url, limit, label):
+    head, sep, payload = url[len(DATA_URL_PREFIX):].partition(",")
+    if not sep:
+        raise APIError(400, f"{label} is a malformed data: URL; expected data:<type>;base64,<data>", code="invalid_url")
+    mime, *params = [s.strip().lower() for s in head.split(";")]
+    if "base64" in params:
+        if len(payload) * 3 // 4 > limit + 2:  # refuse before decoding
+            raise too_large(len(payload) * 3 // 4, limit, label)
+        data = base64.b64decode(payload)  # not validating: whitespace and line breaks some clients add pass
+    else:
+        data = urllib.parse.unquote_to_bytes(payload)
+    if len(data) > limit:
+        raise too_large(len(data), limit, label)
+    if not data:
+        raise APIError(400, f"{label} is an empty data: URL", code="invalid_url")
+    return mime, data
+
+
+def fetch_remote(url, limit, label):
+    request = urllib.request.Request(url, headers={"User-Agent": "llama-vid-serve"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            size = r.headers.get("Content-Length")
+            if size and size.isdigit() and int(size) > limit:
+                raise too_large(int(size), limit, label)
+            data = r.read(limit + 1)
+            mime = r.headers.get_content_type()
+    except urllib.error.HTTPError as e:
+        raise APIError(400, f"could not fetch {label}: HTTP {e.code} {e.reason}", code="invalid_url") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise APIError(400, f"could not fetch {label}: {e}", code="invalid_url") from None
+    if len(data) > limit:
+        raise too_large(len(data), limit, label)
+    return mime, data
+
+
+def local_file(url, media_dir, label):
+    """A path (or file:// URL) as a file under media_dir; anything resolving outside it (.., symlinks) is refused."""
+    if media_dir is None:
+        raise APIError(403, f"{label}: local files are not served; start the server with --media-dir DIR to allow "
+                            "paths under DIR, or send the file as a data: URL", code="forbidden_path")
+    raw = url
+    if url.startswith("file:"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise APIError(403, f"{label}: file://{parsed.netloc}/ is not this machine", code="forbidden_path")
+        raw = urllib.parse.unquote(parsed.path)
+    root = media_dir.resolve()
+    path = (root / raw).resolve()  # an absolute path replaces root; a relative one is taken under it
+    if not path.is_relative_to(root):
+        raise APIError(403, f"{label}: {raw} is outside the media directory (--media-dir)", code="forbidden_path")
+    if not path.is_file():
+        raise APIError(404, f"{label}: {raw} is not a file in the media directory", code="media_not_found")
+    return path
+
+
+def resolve_media(url, cfg, label):
+    """A media URL (data:, http(s):, file:, or a path) -> Source, with its content hash. Runs off the event loop."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, f"{label} has no url", code="invalid_url")
+    limit = cfg["max_upload"]
+    scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
+    if scheme == "data":
+        mime, data = read_data_url(url, limit, label)
+        path = None
+    elif scheme in ("http", "https"):
+        if not cfg["allow_remote"]:
+            raise APIError(403, f"{label}: remote URLs are off; start the server with --allow-remote, or send the "
+                                "file as a data: URL", code="forbidden_url")
+        mime, data = fetch_remote(url, limit, label)
+        path = None
+    elif scheme in ("", "file") or len(scheme) == 1:  # a path (a one-letter "scheme" is a Windows drive)
+        path = local_file(url, cfg["media_dir"], label)
+        mime, data = (mimetypes.guess_type(path.name)[0] or "").lower(), None
+    else:
+        raise APIError(400, f"{label}: unsupported URL scheme {scheme!r}: use data:, http(s): or a file path",
+                       code="invalid_url")
+    return make_source(mime, label, data=data, path=path)
+
+
+def make_source(mime, label, data=None, path=None):
+    import hashlib
+    from data import content_hash
+    kind = media_kind(mime, label, data, path)
+    digest = hashlib.sha256(data).hexdigest() if data is not None else content_hash(path)
+    suffix = path.suffix if path is not None else (mimetypes.guess_extension(mime) or "")
+    name = f"the uploaded {kind}" if path is None else str(path.name)
+    return Source(kind, digest, name, data=data, path=path, suffix=suffix)
+
+
+def _number(req, key, default, lo, hi, integer=False):
+    value = req.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(400, f"{key} must be {kind} in [{lo}, {hi}], got {value!r}", code="invalid_value", param=key)
+    return value
+
+
+def _text(content, where):
+    """The text of a message's content (a string or a list of parts), and its media parts (label, url)."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}.content must be a string or a list of content parts", param=where)
+    texts, media = [], []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in ("image_url", "video_url"):
+            ref = part.get(kind)
+            media.append((f"{where}.content[{j}]", ref.get("url") if isinstance(ref, dict) else ref))
+        else:
+            raise APIError(400, f"{where}.content[{j}] is not a text, image_url or video_url part",
+                           param=f"{where}.content[{j}]")
+    return "\n".join(texts), media
+
+
+def parse_chat(body: bytes, cfg) -> ChatRequest:
+    """The JSON body of POST /v1/chat/completions -> ChatRequest, or an APIError saying what is wrong."""
+    from data import IMAGE_TOKEN
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    if not isinstance(req, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    model = req.get("model")
+    if model is not None and model != cfg["model_name"]:
+        raise APIError(404, f"the model {model!r} does not exist; this server has {cfg['model_name']!r}",
+                       code="model_not_found", param="model")
+    if req.get("n", 1) != 1:
+        raise APIError(400, "n must be 1: this server makes one answer per request", param="n")
+    messages = req.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    turns, turn_media, system = [], [], None
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"{where}.role must be system, user or assistant, got {role!r}", param=where)
+        text, media = _text(m.get("content"), where)
+        if IMAGE_TOKEN in text:
+            raise APIError(400, f"{where} contains {IMAGE_TOKEN!r}: attach images and videos as image_url / "
+                                "video_url content parts instead", param=where)
+        if role in ("system", "developer"):
+            if media:
+                raise APIError(400, f"{where}: only user messages may carry images or videos", param=where)
+            system = text.strip() or None
+            continue
+        if role == "assistant" and media:
+            raise APIError(400, f"{where}: only user messages may carry images or videos", param=where)
+        text = text.strip()
+        if not text and not media:
+            raise APIError(400, f"{where} has no text", param=where)
+        tag = "USER" if role == "user" else "ASSISTANT"
+        if turns and turns[-1][0] == tag:  # the template alternates: two messages in a row become one
+            turns[-1] = (tag, (turns[-1][1] + "\n" + text).strip())
+            turn_media[-1] += media
+        else:
+            turns.append((tag, text))
+            turn_media.append(media)
+    if not turns or turns[0][0] != "USER" or turns[-1][0] != "USER":
+        raise APIError(400, "the conversation must start and end with a user message", param="messages")
+    source, media_turn = None, None
+    for t, media in enumerate(turn_media):
+        for label, url in media:
+            s = resolve_media(url, cfg, label)
+            if source is None:
+                source, media_turn = s, t
+            elif s.sha256 != source.sha256:
+                raise APIError(400, f"{label} is a second image / video; LLaMA-VID takes one per conversation: "
+                                    "start a new conversation to ask about another", param=label)
+    stop = req.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, f"stop must be a string or a list of up to {MAX_STOPS} strings", param="stop")
+    stream = req.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false", param="stream")
+    options = req.get("stream_options") or {}
+    max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", cfg["max_new_tokens"], 1, 2**31, integer=True)
+    seed = _number(req, "seed", None, -2**63, 2**64 - 1, integer=True)
+    # without temperature / top_p, the model's own defaults (sample.py's), not OpenAI's 1.0
+    return ChatRequest(turns=turns, media_turn=media_turn, source=source, system=system, question=turns[-1][1],
+                       max_tokens=max_tokens,
+                       temperature=float(_number(req, "temperature", cfg["temperature"], 0, 2)),
+                       top_p=float(_number(req, "top_p", cfg["top_p"], 0, 1)),
+                       stop=[s for s in stop if s], seed=seed, stream=stream,
+                       include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine: everything that touches the model runs on its one worker thread, one request at a time
+
+@dataclass
+class Media:
+    kind: str                  # "image" | "video"
+    features: torch.Tensor     # EVA output (T, 1+N, W) on the model's device; long video: (T, N, W) float16 on CPU
+    frames: int
+    times: list
+    thumbnails: list           # JPEG data: URLs of up to THUMBNAILS frames
+    movie_text: Optional[str]  # long-video models: the prompt of frames that stands where <image> would
+    nbytes: int
+
+
+def thumbnail(frame) -> str:
+    from PIL import Image
+    image = Image.fromarray(np.asarray(frame)) if not isinstance(frame, Image.Image) else frame.copy()
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def spread(items, n):
+    """At most n items, evenly spread, first and last included."""
+    if len(items) <= n:
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+class Job:
+    """What one request's worker-thread work tells the event loop: ("start", prompt_tokens), ("delta", text),
+    ("done", {finish_reason, usage}), ("result", value) or ("error", APIError), in order, through an asyncio queue."""
+
+    def __init__(self, loop):
+        self.loop, self.events, self.cancelled = loop, asyncio.Queue(), False
+
+    def emit(self, kind, payload=None):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class Engine:
+    def __init__(self, model, tokenizer, args):
+        from data import IMAGE_TOKEN_INDEX
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.image_token_index = IMAGE_TOKEN_INDEX
+        weight = model.vision.patch_embed.proj.weight
+        self.device, self.vision_dtype = weight.device, weight.dtype
+        self.dtype = model.llm.tok_embeddings.weight.dtype  # not output.weight's: quantised, that is int8
+        self.context = model.llm.cfg.context_length
+        self.tokens_per_frame = sample.tokens_per_frame(model)
+        self.long_video = model.is_long_video
+        self.cache, self.cache_bytes, self.cache_limit = OrderedDict(), 0, int(args.cache_mb * 2**20)
+
+    # media --------------------------------------------------------------------------------------------------
+
+    def media(self, src: Source, precheck=None) -> Media:
+        """The EVA features of an image / video, from the cache or decoded and encoded now. precheck(frames) runs
+        between decoding and encoding, so a prompt too long for the context costs no vision-tower time."""
+        key = (src.sha256, src.kind)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            media = self.cache[key]
+            if precheck is not None:
+                precheck(media.frames)
+            return media
+        tmp = None
+        path = src.path
+        if path is None:  # the decoders read files: give the bytes one for as long as it takes
+            tmp = tempfile.NamedTemporaryFile(suffix=src.suffix, delete=False)
+            tmp.write(src.data)
+            tmp.close()
+            path = Path(tmp.name)
+        try:
+            media = self._encode(src.kind, path, precheck)
+        except (ValueError, OSError) as e:  # data.py's messages say what is wrong with the file
+            message = str(e).replace(str(path), src.label)
+            raise APIError(415, f"{src.label} could not be read as {'an image' if src.kind == 'image' else 'a video'}:"
+                                f" {message}", code="unsupported_media_type") from None
+        finally:
+            if tmp is not None:
+                Path(tmp.name).unlink(missing_ok=True)
+        self.cache[key] = media
+        self.cache_bytes += media.nbytes
+        while self.cache_bytes > self.cache_limit and len(self.cache) > 1:  # the newest always stays
+            _, old = self.cache.popitem(last=False)
+            self.cache_bytes -= old.nbytes
+        return media
+
+    def _eva(self, pixels):
+        out = [self.model.vision(pixels[i:i + EVA_BATCH].to(self.device, self.vision_dtype))
+               for i in range(0, len(pixels), EVA_BATCH)]
+        return torch.cat(out)
+
+    def _encode(self, kind, path, precheck):
+        from data import iter_video, load_image, load_video, movie_prompt
+        from PIL import Image
+        from vision import preprocess_frames, preprocess_images
+        size = self.model.image_size
+        if kind == "image":
+            try:
+                image = load_image(path)
+            except Image.DecompressionBombError as e:
+                raise ValueError(str(e)) from None
+            if precheck is not None:
+                precheck(1)
+            pad = self.model.hf_config.get("image_aspect_ratio") == "pad"  # as sample.py's load_media
+            features = self._eva(preprocess_images([image], size, pad_to_square=pad))
+            return Media("image", features, 1, [0.0], [thumbnail(image)], None,
+                         features.numel() * features.element_size())
+        if not self.long_video:
+            frames, times = load_video(path, fps=self.args.fps, max_frames=self.args.max_frames)
+            if precheck is not None:
+                precheck(len(frames))
+            features = self._eva(preprocess_frames(frames, size))
+            return Media("video", features, len(frames), times, [thumbnail(f) for f in spread(frames, THUMBNAILS)],
+                         None, features.numel() * features.element_size())
+        # an hour-long video streams through EVA in batches; features wait on the CPU in float16 as sample.py's
+        # feature cache (and the original's .pkl) keeps them
+        from tqdm import tqdm
+        out, batch, times, thumbs = [], [], [], []
+        for frame, t in tqdm(iter_video(path, fps=self.args.fps, max_frames=self.args.max_frames),
+                             desc="encoding frames", unit="frame", file=sys.stderr):
+            batch.append(frame)
+            times.append(t)
+            thumbs.append(thumbnail(frame))
+            if len(batch) == EVA_BATCH:
+                out.append(self._eva(preprocess_frames(np.stack(batch), size)).to("cpu", torch.float16))
+                batch.clear()
+        if batch:
+            out.append(self._eva(preprocess_frames(np.stack(batch), size)).to("cpu", torch.float16))
+        features = torch.cat(out)[:, 1:]  # the long-video model gets the patches only (no cls)
+        return Media("video", features, len(times), times, spread(thumbs, THUMBNAILS),
+                     movie_prompt([], times, self.model.video_token), features.numel() * features.element_size())
+
+    def is_movie(self, media):
+        return media is not None and media.movie_text is not None
+
+    def visual_tokens(self, media):
+        if media is None:
+            return 0
+        return media.frames * (self.model.video_token if self.is_movie(media) else self.tokens_per_frame)
+
+    def describe(self, src: Source) -> dict:
+        """POST /v1/media: decode and encode now (the cache keeps the features), say what the model will see."""
+        with torch.no_grad():
+            media = self.media(src)
+        return {"id": "sha256:" + src.sha256, "object": "media", "kind": media.kind, "frames": media.frames,
+                "times": [round(t, 3) for t in media.times], "thumbnails": media.thumbnails,
+                "visual_tokens": self.visual_tokens(media), "context_length": self.context}
+
+    # chat ---------------------------------------------------------------------------------------------------
+
+    def prompt_ids(self, req: ChatRequest, media):
+        from data import IMAGE_TOKEN, SYSTEM_VICUNA, build_prompt, tokenize_with_images
+        messages = []
+        for i, (role, text) in enumerate(req.turns):
+            if i == req.media_turn:  # as sample.py's Chat.first_message
+                text = (media.movie_text if self.is_movie(media) else IMAGE_TOKEN) + "\n" + text
+            messages.append((role, text))
+        prompt = build_prompt(messages + [("ASSISTANT", None)], "vicuna_v1")
+        if req.system is not None:
+            prompt = req.system + prompt[len(SYSTEM_VICUNA):]
+        return tokenize_with_images(prompt, self.tokenizer)
+
+    def prompt_tokens(self, ids, frames, movie=False):
+        """What the LLM will see: the text ids, with the placeholder replaced by every frame's visual tokens."""
+        if movie or self.image_token_index not in ids:
+            return len(ids)  # no media, or a movie prompt (one placeholder per visual token already)
+        return len(ids) - 1 + frames * self.tokens_per_frame
+
+    def check_context(self, n, frames):
+        if n >= self.context:
+            what = f" ({frames} frame{'s' if frames != 1 else ''} of visual tokens)" if frames else ""
+            raise APIError(400, f"the prompt is {n} tokens{what} but the model's context is {self.context} tokens: "
+                                "ask about a shorter video or start a new conversation",
+                           code="context_length_exceeded", param="messages", prompt_tokens=n,
+                           context_length=self.context)
+
+    def embeds(self, ids, media, question):
+        tokens = torch.tensor(ids, device=self.device)
+        if media is None:
+            return self.model.llm.tok_embeddings(tokens)[None]
+        if self.is_movie(media):
+            embeds, _, _ = self.model.embed([tokens], [media.features.to(self.device, self.dtype)], [[question]])
+            return embeds
+        # LlamaVID.embed wants pixels for an image / short video; the cache holds their EVA features, so the
+        # splice is done here: the same text embeddings around what LlamaVID.media_tokens makes of the features
+        visual = self.model.visual(media.features, [question])  # (1, frames * tokens_per_frame, dim)
+        text = self.model.llm.tok_embeddings(tokens.clamp(min=0))
+        s = ids.index(self.image_token_index)
+        return torch.cat([text[:s], visual[0].to(text.dtype), text[s + 1:]])[None]
+
+    def complete(self, req: ChatRequest, job: Job):
+        from model import generate
+        started = time.perf_counter()
+        with torch.no_grad():  # grad mode is per thread: this worker's must be off too
+            media, ids = None, None
+            if req.source is not None and not (self.long_video and req.source.kind == "video"):
+                ids = self.prompt_ids(req, None)  # the text does not depend on the frames: check before encoding
+                media = self.media(req.source, lambda frames: self.check_context(self.prompt_tokens(ids, frames),
+                                                                                 frames))
+            elif req.source is not None:
+                media = self.media(req.source)
+            if ids is None:
+                ids = self.prompt_ids(req, media)
+            frames = media.frames if media is not None else 0
+            n = self.prompt_tokens(ids, frames, self.is_movie(media))
+            self.check_context(n, frames)
+            embeds = self.embeds(ids, media, req.question)
+            n = embeds.shape[1]
+            max_new = min(req.max_tokens, self.context - n)  # as sample.py: the answer may use what is left
+            job.emit("start", n)
+            generator = None
+            if req.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(req.seed % 2**64)
+            out = TextOut(self.tokenizer, req.stop, job)
+            try:
+                generate(self.model.llm, embeds, max_new, temperature=req.temperature, top_p=req.top_p,
+                         eos_id=self.tokenizer.eos_id, callback=out.on_token, generator=generator,
+                         compile=self.args.compile)
+                out.finish()
+            except Stopped:
+                pass
+        usage = {"prompt_tokens": n, "completion_tokens": out.count, "total_tokens": n + out.count}
+        job.emit("done", {"finish_reason": out.finish_reason, "usage": usage})
+        print(f"chat: {n} prompt tokens ({self.visual_tokens(media)} visual), {out.count} new, "
+              f"{out.finish_reason}, {time.perf_counter() - started:.2f} s", file=sys.stderr, flush=True)
+
+
+class TextOut:
+    """Turns the token stream into text deltas: whole UTF-8 characters only (as sample.py prints them), and never
+    a piece that could start a stop string until it is known not to be one."""
+
+    def __init__(self, tokenizer, stop, job):
+        self.tokenizer, self.stop, self.job = tokenizer, stop, job
+        self.new, self.printed, self.count, self.finish_reason = [], "", 0, "length"
+
+    def on_token(self, tok):
+        if self.job.cancelled:
+            raise Stopped()
+        t = int(tok[0])
+        if t == self.tokenizer.eos_id:
+            self.finish_reason = "stop"
+            return
+        self.new.append(t)
+        self.count += 1
+        text = self.tokenizer.decode(self.new)
+        if text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            return
+        self.flush(text)
+
+    def flush(self, text, final=False):
+        hits = [i for i in (text.find(s, max(len(self.printed) - len(s) + 1, 0)) for s in self.stop) if i >= 0]
+        if hits:
+            self.send(text[:max(min(hits), len(self.printed))])
+            self.finish_reason = "stop"
+            raise Stopped()
+        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                                   default=0)
+        self.send(text[:len(text) - hold])
+
+    def send(self, text):
+        if len(text) > len(self.printed):
+            self.job.emit("delta", text[len(self.printed):])
+            self.printed = text
+
+    def finish(self):
+        self.flush(self.tokenizer.decode(self.new), final=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the HTTP side
+
+def build_app(engine: Engine, cfg: dict) -> FastAPI:
+    app = FastAPI(title="LLaMA-VID", docs_url=None, redoc_url=None, openapi_url=None)
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # FIFO: requests wait their turn
+    created = int(time.time())
+    state = {"queued": 0}
+    limit = cfg["max_upload"]
+    json_limit = limit * 4 // 3 + 2**20  # a data: URL is base64 (4/3 of the file) inside the JSON
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        traceback.print_exception(e, file=sys.stderr)
+        return JSONResponse(APIError(500, f"internal error: {e}").body(), status_code=500)
+
+    async def read_body(request: Request, limit):
+        size = request.headers.get("content-length")
+        if size is not None:
+            if not size.isdigit():
+                raise APIError(400, f"Content-Length {size!r} is not a number")
+            if int(size) > limit:
+                raise too_large(int(size), limit)
+        chunks, n = [], 0
+        async for chunk in request.stream():  # a body without Content-Length is counted as it comes
+            n += len(chunk)
+            if n > limit:
+                raise too_large(n, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def submit(fn, *a):
+        """Queue work for the model thread; the returned future resolves when it has run."""
+        state["queued"] += 1
+        future = asyncio.get_running_loop().run_in_executor(worker, fn, *a)
+        future.add_done_callback(lambda _: state.__setitem__("queued", state["queued"] - 1))
+        return future
+
+    def run_chat(req, job):
+        try:
+            engine.complete(req, job)
+        except APIError as e:
+            job.emit("error", e)
+        except Exception as e:  # the server keeps serving; the client hears what went wrong
+            traceback.print_exception(e, file=sys.stderr)
+            job.emit("error", APIError(500, f"generation failed: {e}"))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": cfg["model_name"], "queued": state["queued"],
+                "max_upload_mb": cfg["max_upload_mb"], "context_length": engine.context,
+                "cached_media": len(engine.cache)}
+
+    def model_card():
+        return {"id": cfg["model_name"], "object": "model", "created": created, "owned_by": "llama-vid"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str):
+        if name != cfg["model_name"]:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {cfg['model_name']!r}",
+                           code="model_not_found")
+        return model_card()
+
+    @app.post("/v1/media")
+    async def media(request: Request):
+        """The page's upload: the raw file as the body. Returns the frames the model will see (previews) and
+        warms the feature cache, so the first question about it does not wait for the vision tower."""
+        body = await read_body(request, limit)
+        if not body:
+            raise APIError(400, "the upload is empty")
+        mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        src = await asyncio.to_thread(make_source, mime, "the uploaded file", body)
+        try:
+            return await submit(engine.describe, src)
+        except APIError:
+            raise
+        except Exception as e:
+            traceback.print_exception(e, file=sys.stderr)
+            raise APIError(500, f"reading the file failed: {e}") from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await read_body(request, json_limit)
+        req = await asyncio.to_thread(parse_chat, body, cfg)  # base64 of a 50 MB video: not on the event loop
+        job = Job(asyncio.get_running_loop())
+        submit(run_chat, req, job)
+        kind, payload = await job.events.get()
+        if kind == "error":
+            raise payload
+        cid, stamp, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), cfg["model_name"]
+        if not req.stream:
+            text = []
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "delta":
+                    text.append(payload)
+                elif kind == "error":
+                    raise payload
+                elif kind == "done":
+                    break
+            return {"id": cid, "object": "chat.completion", "created": stamp, "model": name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                 "logprobs": None, "finish_reason": payload["finish_reason"]}],
+                    "usage": payload["usage"]}
+
+        def chunk(delta, finish=None):
+            return {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": name,
+                    "system_fingerprint": None,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        def sse(obj):
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield sse(chunk({"role": "assistant", "content": ""}))
+                while True:
+                    kind, payload = await job.events.get()
+                    if kind == "delta":
+                        yield sse(chunk({"content": payload}))
+                    elif kind == "error":
+                        yield sse(payload.body())
+                        break
+                    elif kind == "done":
+                        yield sse(chunk({}, payload["finish_reason"]))
+                        if req.include_usage:
+                            yield sse({**chunk({}), "choices": [], "usage": payload["usage"]})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True  # a client that went away stops its generation at the next token
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from data import Tokenizer
+    from model import LlamaVID
+    model_path = args.model_path
+    if model_path is None:
+        if not (sample.DEFAULT_MODEL / "config.json").exists():
+            raise ValueError("no --model-path given and no trained tiny model in out/shapes "
+                             "(train one with: python train.py config/shapes.py)")
+        model_path = sample.DEFAULT_MODEL
+    device = sample.pick_device(args.device)
+    dtype = sample.pick_dtype(args.dtype, device)
+    model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
+                                     dtype=dtype, device=device)
+    if args.quantize:
+        from quantize import quantize_model
+        quantize_model(model.llm, args.quantize, device=device)
+    tokenizer = Tokenizer(model_path)
+    engine = Engine(model, tokenizer, args)
+    movie = model.is_long_video
+    cfg = {"model_name": args.model_name or Path(model_path).resolve().name,
+           "max_upload": int(args.max_upload_mb * 2**20), "max_upload_mb": args.max_upload_mb,
+           "media_dir": args.media_dir, "allow_remote": args.allow_remote, "max_new_tokens": args.max_new_tokens,
+           "temperature": 0.6 if movie else 0.2, "top_p": 0.9 if movie else 0.7}  # sample.py's defaults
+    app = build_app(engine, cfg)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"
+              + (" and make it fetch URLs" if args.allow_remote else ""), file=sys.stderr)
+    print(f"serving {cfg['model_name']} on http://{args.host}:{args.port}/ (chat page at /)", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chat page: one file, no build step
+
+PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>LLaMA-VID</title>
+<style>
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f3f4f7;
+         color: #1c2230; height: 100vh; display: flex; flex-direction: column; }
+  header { display: flex; align-items: baseline; gap: 12px; padding: 10px 18px; background: #1c2230; color: #fff; }
+  header strong { font-size: 17px; }
+  header span { color: #aab3c5; font-size: 13px; }
+  main { flex: 1; display: grid; grid-template-columns: minmax(260px, 380px) 1fr; gap: 14px; padding: 14px;
+         min-height: 0; }
+  .panel { background: #fff; border-radius: 10px; box-shadow: 0 1px 3px rgba(0,0,0,.08); padding: 14px;
+           display: flex; flex-direction: column; gap: 10px; min-height: 0; }
+  #drop { border: 2px dashed #b9c1cf; border-radius: 8px; padding: 16px; text-align: center; cursor: pointer;
+          color: #5a6478; }
+  #drop.over { border-color: #3567d6; background: #eef3fd; }
+  #preview video, #preview img { width: 100%; max-height: 240px; object-fit: contain; background: #111;
+                                 border-radius: 6px; display: block; }
+  #media-info { font-size: 13px; color: #5a6478; }
+  #frames { display: grid; grid-template-columns: repeat(auto-fill, minmax(68px, 1fr)); gap: 6px; overflow: auto; }
+  #frames figure { margin: 0; font-size: 11px; color: #6b7385; text-align: center; }
+  #frames img { width: 100%; border-radius: 4px; display: block; }
+  #error { display: none; background: #fdeaea; color: #9b1c1c; border: 1px solid #f3b4b4; border-radius: 8px;
+           padding: 8px 12px; white-space: pre-wrap; }
+  #log { flex: 1; overflow: auto; display: flex; flex-direction: column; gap: 10px; padding: 2px; }
+  #log .hint { color: #8a92a3; margin: auto; text-align: center; }
+  .msg { max-width: 82%; padding: 8px 12px; border-radius: 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
+  .msg.user { align-self: flex-end; background: #3567d6; color: #fff; }
+  .msg.assistant { align-self: flex-start; background: #eef0f4; }
+  .msg.assistant.pending .text:empty::after { content: "…"; color: #8a92a3; }
+  .meta { font-size: 11px; color: #7a8294; margin-top: 4px; }
+  .settings { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; font-size: 13px; color: #5a6478; }
+  .settings input { width: 70px; }
+  form { display: flex; gap: 8px; }
+  textarea { flex: 1; resize: none; font: inherit; padding: 8px 10px; border: 1px solid #c9cfdb; border-radius: 8px; }
+  button { font: inherit; padding: 6px 14px; border: 0; border-radius: 8px; background: #3567d6; color: #fff;
+           cursor: pointer; }
+  button.plain { background: #e4e7ee; color: #1c2230; }
+  button:disabled { opacity: .5; cursor: default; }
+  @media (max-width: 760px) { main { grid-template-columns: 1fr; } }
+</style>
+</head>
+<body>
+<header><strong>LLaMA-VID</strong><span id="model">connecting…</span><span id="status"></span></header>
+<main>
+  <section class="panel">
+    <label id="drop" for="file">Drop an image or a video here, or click to choose one
+      <input type="file" id="file" accept="image/*,video/*" hidden></label>
+    <div id="preview"></div>
+    <div id="media-info"></div>
+    <div id="frames"></div>
+  </section>
+  <section class="panel">
+    <div id="error" role="alert"></div>
+    <div id="log"><div class="hint">Choose an image or a video, then ask about it.</div></div>
+    <div class="settings">
+      <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.2"></label>
+      <label>max tokens <input id="max-tokens" type="number" min="1" step="1" value="256"></label>
+      <button id="reset" class="plain" type="button">New chat</button>
+    </div>
+    <form id="ask">
+      <textarea id="question" rows="2" placeholder="Ask a question (Enter sends, Shift+Enter adds a line)"></textarea>
+      <button id="send" type="submit">Send</button>
+    </form>
+  </section>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+let modelId = null, maxUploadMB = 50, mediaPart = null, messages = [], busy = false, previewURL = null;
+
+function showError(text) {
+  $("error").textContent = text || "";
+  $("error").style.display = text ? "block" : "none";
+}
+
+async function errorText(resp) {
+  try {
+    const body = await resp.json();
+    return (body.error && body.error.message) || JSON.stringify(body);
+  } catch (e) {
+    return `${resp.status} ${resp.statusText}`;
+  }
+}
+
+function bubble(role, text) {
+  const hint = document.querySelector("#log .hint");
+  if (hint) hint.remove();
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  const body = document.createElement("div");
+  body.className = "text";
+  body.textContent = text;
+  div.appendChild(body);
+  $("log").appendChild(div);
+  $("log").scrollTop = $("log").scrollHeight;
+  return div;
+}
+
+function newChat() {
+  messages = [];
+  $("log").innerHTML = "";
+  showError("");
+}
+
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function chooseFile(file) {
+  newChat();
+  mediaPart = null;
+  $("frames").innerHTML = "";
+  $("preview").innerHTML = "";
+  $("media-info").textContent = "";
+  if (previewURL) URL.revokeObjectURL(previewURL);
+  if (!file) return;
+  if (file.size > maxUploadMB * 1048576) {
+    showError(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; this server takes files up to ${maxUploadMB} MB`);
+    return;
+  }
+  previewURL = URL.createObjectURL(file);
+  const isVideo = file.type.startsWith("video/");
+  const el = document.createElement(isVideo ? "video" : "img");
+  el.src = previewURL;
+  if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
+  $("preview").appendChild(el);
+  $("media-info").textContent = "reading frames…";
+  $("send").disabled = true;
+  try {
+    const resp = await fetch("/v1/media", {method: "POST", body: file,
+                                           headers: {"Content-Type": file.type || "application/octet-stream"}});
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const info = await resp.json();
+    const url = await readDataURL(file);
+    mediaPart = info.kind === "video" ? {type: "video_url", video_url: {url}} : {type: "image_url", image_url: {url}};
+    const what = info.kind === "video" ? `${info.frames} frame${info.frames === 1 ? "" : "s"}` : "image";
+    $("media-info").textContent = `${file.name}: ${what}, ${info.visual_tokens} visual tokens ` +
+                                  `(context ${info.context_length})`;
+    info.thumbnails.forEach((src, i) => {
+      const fig = document.createElement("figure");
+      const img = document.createElement("img");
+      img.src = src;
+      fig.appendChild(img);
+      if (info.kind === "video") {
+        const t = info.times[Math.round(i * (info.times.length - 1) / Math.max(info.thumbnails.length - 1, 1))];
+        const cap = document.createElement("figcaption");
+        cap.textContent = `${t.toFixed(1)} s`;
+        fig.appendChild(cap);
+      }
+      $("frames").appendChild(fig);
+    });
+  } catch (e) {
+    $("media-info").textContent = "";
+    $("preview").innerHTML = "";
+    showError(`${file.name}: ${e.message || e}`);
+  } finally {
+    $("send").disabled = false;
+  }
+}
+
+async function ask(event) {
+  event.preventDefault();
+  const question = $("question").value.trim();
+  if (busy || !question) return;
+  showError("");
+  const content = [];
+  if (mediaPart && !messages.some((m) => Array.isArray(m.content))) content.push(mediaPart);
+  content.push({type: "text", text: question});
+  const userMsg = {role: "user", content: content.length === 1 ? question : content};
+  const userDiv = bubble("user", question);
+  const div = bubble("assistant", "");
+  div.classList.add("pending");
+  div.dataset.chunks = "0";
+  const textEl = div.querySelector(".text");
+  busy = true;
+  $("send").disabled = true;
+  $("question").value = "";
+  const started = performance.now();
+  try {
+    const resp = await fetch("/v1/chat/completions", {
+      method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({model: modelId, messages: [...messages, userMsg], stream: true,
+                            stream_options: {include_usage: true},
+                            temperature: Number($("temperature").value),
+                            max_tokens: Number($("max-tokens").value)})});
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "", answer = "", usage = null, finish = null;
+    read: while (true) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data:")) continue;
+          const data = line.slice(5).trim();
+          if (data === "[DONE]") break read;
+          const chunk = JSON.parse(data);
+          if (chunk.error) throw new Error(chunk.error.message);
+          if (chunk.usage) usage = chunk.usage;
+          for (const choice of chunk.choices || []) {
+            if (choice.delta && choice.delta.content) {
+              answer += choice.delta.content;
+              textEl.textContent = answer;
+              div.dataset.chunks = String(Number(div.dataset.chunks) + 1);
+              $("log").scrollTop = $("log").scrollHeight;
+            }
+            if (choice.finish_reason) finish = choice.finish_reason;
+          }
+        }
+      }
+    }
+    messages.push(userMsg, {role: "assistant", content: answer});
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    meta.textContent = usage ? `${usage.prompt_tokens} prompt tokens · ${usage.completion_tokens} new · ${seconds} s` +
+                               (finish === "length" ? " · cut at max tokens" : "") : `${seconds} s`;
+    div.appendChild(meta);
+    div.dataset.done = "1";
+  } catch (e) {
+    userDiv.remove();
+    div.remove();
+    $("question").value = question;
+    showError(String(e.message || e));
+  } finally {
+    div.classList.remove("pending");
+    busy = false;
+    $("send").disabled = false;
+  }
+}
+
+$("file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
+                                       chooseFile(e.dataTransfer.files[0]); });
+$("ask").addEventListener("submit", ask);
+$("question").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask").requestSubmit(); }
+});
+$("reset").addEventListener("click", newChat);
+
+(async () => {
+  try {
+    const health = await (await fetch("/health")).json();
+    modelId = health.model;
+    maxUploadMB = health.max_upload_mb;
+    $("model").textContent = `${modelId} · context ${health.context_length} tokens`;
+  } catch (e) {
+    showError(`the server does not answer: ${e.message || e}`);
+  }
+})();
+</script>
+</body>
+</html>
+"""
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, PermissionError, ValueError) as e:
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -853,7 +853,7 @@ def shapes_question(clip, kind, rng):
     raise ValueError(f"unknown shapes question type {kind!r}: use one of {', '.join(QUESTION_TYPES)}")
 
 
-def write_shapes_clip(path, seed, frames=16, size=64, fps=8):
+def write_shapes_clip(path, seed, frames=16, size=64, fps=2):
     """Write one clip (a fresh one for any seed) and return (clip description, {type: (question, answer)})."""
     rng = random.Random(f"shapes-clip-{seed}")
     clip = shapes_clip(rng, frames, size)
@@ -864,8 +864,8 @@ def write_shapes_clip(path, seed, frames=16, size=64, fps=8):
 TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "first": 2, "colour": 1, "change": 1, "count": 1}
 
 
-def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=8, vocab_size=512,
-                        samples_per_clip=2, multi_turn=0.25, qformer_heads=4, force=False):
+def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2, vocab_size=512,
+                        samples_per_clip=2, multi_turn=0.5, qformer_heads=4, force=False):
     """Write the synthetic shapes dataset to out_dir; nothing is done when out_dir already holds this one.
 
     videos/{train,val}_NNNNN.mp4; train.json (LLaVA format, `samples_per_clip` question samples a clip, a
@@ -914,9 +914,10 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                     conv += [{"from": "human", "value": (f"<image>\n{q}" if not conv else q)},
                              {"from": "gpt", "value": a}]
                     types.append(kind)
-                    text += [q, a]
                     questions.append(q)
                 train.append({"id": f"train_{i:05d}_{j}", "video": video, "types": types, "conversations": conv})
+                text.append(build_prompt([(ROLES[c["from"]], c["value"].replace("<image>\n", "")) for c in conv],
+                                         "vicuna_v1"))
     for name, items in (("train.json", train), ("captions.json", captions), ("val.json", val)):
         (out / name).write_text(json.dumps(items, indent=1))
     _write_shapes_tokenizer(out, text, vocab_size)
@@ -927,10 +928,12 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
 
 def _write_shapes_tokenizer(out, text, vocab_size):
     """A LLaMA-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no
-    normalisation) trained on the dataset's text plus the chat template's words."""
-    lines = [SYSTEM_VICUNA, "USER: ASSISTANT:"] * 50 + text
+    normalisation) trained on the captions and the conversations as the chat template writes them."""
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        sentence_iterator=iter(text), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        # a later turn starts "</s>USER:", where the legacy=False rule looks up "USER" without its "▁" (as
+        # Vicuna's vocabulary has it): both must be pieces, or that turn's labels are all masked
+        user_defined_symbols=["\u2581USER", "USER"],
         vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=1.0,
         normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,

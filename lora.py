@@ -3,7 +3,7 @@ sample.py and the original's peft outputs all meet here: adapters, merging, and 
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -18,16 +18,17 @@ from model import LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, hf_to_ou
 # from the base model exactly; scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
 #
 # Files are peft's layout, so the original's LoRA runs load here and ours load in the original (PeftModel):
-#   adapter_config.json          peft's LoraConfig fields (r, lora_alpha, target_modules, ...) + "llamavid" (ours)
+#   adapter_config.json          peft's LoraConfig fields (r, lora_alpha, lora_dropout, target_modules in HF's
+#                                names, use_rslora): all of LoRAConfig, so nothing of ours needs adding
 #   adapter_model.safetensors    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (r, in), lora_B (out, r)
 #                                (the original's may be adapter_model.bin, and may keep peft's adapter name:
 #                                ...q_proj.lora_A.default.weight)
 #   non_lora_trainables.bin      what else trained, as LLaVA-style training writes it:
 #                                base_model.model.model.mm_projector.0.weight, base_model.model.model.vlm_att_query, ...
 
-# our projection names <-> HF's, from model.py's table (wq <-> q_proj, w1 <-> gate_proj, ...)
+# our linear layers' names <-> HF's, from model.py's table (wq <-> q_proj, w1 <-> gate_proj, output <-> lm_head)
 HF_PROJ = {ours.split(".")[-2]: hf.split(".")[-2] for hf, ours in LLAMA_KEYS.items()
-           if ours is not None and hf.split(".")[-2].endswith("_proj")}
+           if ours is not None and hf.split(".")[-2].endswith(("_proj", "lm_head"))}
 OURS_PROJ = {v: k for k, v in HF_PROJ.items()}
 PEFT_PREFIX = "base_model.model."  # peft's PeftModelForCausalLM -> LoraModel -> the HF model
 ADAPTER_CONFIG = "adapter_config.json"
@@ -131,7 +132,11 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x):
-        if is_quantized(self.base) and hasattr(self.base, "dequantize"):
+        if not is_quantized(self.base):
+            w = self.base.weight
+            cast = x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type)
+            y = self.base(x.to(w.dtype) if cast else x)  # a bf16 base beside float32 activations: its own dtype
+        elif hasattr(self.base, "dequantize"):
             y = _FrozenQuantized.apply(x, self.base)
         else:
             y = self.base(x)
@@ -167,8 +172,9 @@ class LoRALinear(nn.Module):
 
 def _add_to_weight(module, delta, what, name=""):
     if is_quantized(module):
-        raise ValueError(f"cannot {what} LoRA{' of ' + name if name else ''} into a quantised {type(module).__name__}: merge into the "
-                         "float weights first (load the float base, merge_peft_lora / merge_lora), then quantise")
+        of = f" of {name}" if name else ""
+        raise ValueError(f"cannot {what} LoRA{of} into a quantised {type(module).__name__}: merge into the float "
+                         "weights first (load the float base, merge_peft_lora / merge_lora), then quantise")
     w = module.weight
     w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
 
@@ -325,14 +331,12 @@ def save_adapters(model, out_dir, cfg: LoRAConfig, state: Optional[dict] = None,
     layers = lora_layers(model)
     rank_pattern = {_hf_module(n): m.r for n, m in layers.items() if m.r != cfg.r}
     alpha_pattern = {_hf_module(n): m.alpha for n, m in layers.items() if m.alpha != cfg.alpha}
-    leaves = sorted({n.split(".")[-1] for n in layers})
-    config = {  # peft's LoraConfig fields (what its from_pretrained reads), then ours
+    config = {  # peft's LoraConfig fields: what its from_pretrained (and so the original) reads
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model or None,
         "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        "target_modules": [HF_PROJ.get(t, t) for t in leaves], "bias": "none", "fan_in_fan_out": False,
+        "target_modules": [HF_PROJ.get(t, t) for t in cfg.targets], "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "use_dora": False, "inference_mode": True,
-        "llamavid": {"config": {**asdict(cfg), "targets": list(cfg.targets)}},
     }
     tmp = out / (ADAPTER_FILES[0] + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -404,8 +408,8 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+
 
 
 def read_peft_adapters(lora_dir) -> tuple:
-    """(adapter_config dict, {our module name: (A (r, in), B (out, r), scaling)}, {our param name: tensor} of
-    modules_to_save) from a peft LoRA directory, every key and shape checked against adapter_config.json."""
+    """(adapter_config dict, {our module name: (A (r, in), B (out, r), scaling, alpha)}, {our param name: tensor}
+    of modules_to_save) from a peft LoRA directory, every key and shape checked against adapter_config.json."""
     lora_dir = Path(lora_dir)
     peft_cfg = read_adapter_config(lora_dir)
     file = next((lora_dir / f for f in ADAPTER_FILES if (lora_dir / f).is_file()), None)

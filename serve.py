@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-import sample  # the command line's device / dtype choice, default model and visual token count are ours too
+import sample  # the command line's device / dtype choice, default model and feature extraction are ours too
 
 try:
     import uvicorn
@@ -89,7 +89,8 @@ class APIError(Exception):
 
 
 def too_large(size, limit, what="the request"):
-    return APIError(413, f"{what} is {size / 2**20:.1f} MB but this server takes uploads of up to "
+    """413; limit is --max-upload-mb in bytes (a JSON body may be larger: it carries the file as base64)."""
+    return APIError(413, f"{what} is {size / 2**20:.1f} MB but this server takes images and videos of up to "
                          f"{limit / 2**20:g} MB (--max-upload-mb)", code="request_too_large")
 
 
@@ -114,8 +115,7 @@ class Source:
 @dataclass
 class ChatRequest:
     turns: list                 # [("USER"|"ASSISTANT", text)], alternating, first and last USER; no placeholders
-    media_turn: Optional[int]   # the turn that carries the image / video (the first user message holding it)
-    source: Optional[Source]
+    source: Optional[Source]    # the conversation's one image / video, whichever user message carried it
     system: Optional[str]       # replaces the template's system sentence when given
     question: str               # the last user message: it guides the Q-Former, as sample.py's Chat does
     max_tokens: int
@@ -155,7 +155,10 @@ def read_data_url(url, limit, label):
     if "base64" in params:
         if len(payload) * 3 // 4 > limit + 2:  # refuse before decoding
             raise too_large(len(payload) * 3 // 4, limit, label)
-        data = base64.b64decode(payload)  # not validating: whitespace and line breaks some clients add pass
+        try:
+            data = base64.b64decode(payload)  # not validating: whitespace and line breaks some clients add pass
+        except ValueError as e:  # binascii.Error: bad padding
+            raise APIError(400, f"{label}: the data: URL's base64 does not decode ({e})", code="invalid_url") from None
     else:
         data = urllib.parse.unquote_to_bytes(payload)
     if len(data) > limit:
@@ -281,7 +284,7 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
     if model is not None and model != cfg["model_name"]:
         raise APIError(404, f"the model {model!r} does not exist; this server has {cfg['model_name']!r}",
                        code="model_not_found", param="model")
-    if req.get("n", 1) != 1:
+    if req.get("n") not in (None, 1):
         raise APIError(400, "n must be 1: this server makes one answer per request", param="n")
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -315,12 +318,14 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
             turn_media.append(media)
     if not turns or turns[0][0] != "USER" or turns[-1][0] != "USER":
         raise APIError(400, "the conversation must start and end with a user message", param="messages")
-    source, media_turn = None, None
-    for t, media in enumerate(turn_media):
+    if not all(text for _, text in turns[:-1]):  # the media moves to the last question, leaving no empty turn
+        raise APIError(400, "every message before the last needs some text", param="messages")
+    source = None
+    for media in turn_media:
         for label, url in media:
             s = resolve_media(url, cfg, label)
             if source is None:
-                source, media_turn = s, t
+                source = s
             elif s.sha256 != source.sha256:
                 raise APIError(400, f"{label} is a second image / video; LLaMA-VID takes one per conversation: "
                                     "start a new conversation to ask about another", param=label)
@@ -336,7 +341,7 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", cfg["max_new_tokens"], 1, 2**31, integer=True)
     seed = _number(req, "seed", None, -2**63, 2**64 - 1, integer=True)
     # without temperature / top_p, the model's own defaults (sample.py's), not OpenAI's 1.0
-    return ChatRequest(turns=turns, media_turn=media_turn, source=source, system=system, question=turns[-1][1],
+    return ChatRequest(turns=turns, source=source, system=system, question=turns[-1][1],
                        max_tokens=max_tokens,
                        temperature=float(_number(req, "temperature", cfg["temperature"], 0, 2)),
                        top_p=float(_number(req, "top_p", cfg["top_p"], 0, 1)),
@@ -375,8 +380,8 @@ def spread(items, n):
 
 
 class Job:
-    """What one request's worker-thread work tells the event loop: ("start", prompt_tokens), ("delta", text),
-    ("done", {finish_reason, usage}), ("result", value) or ("error", APIError), in order, through an asyncio queue."""
+    """What a request's work on the model thread tells the event loop, in order, through an asyncio queue:
+    ("start", prompt_tokens), ("delta", text)..., ("done", {finish_reason, usage}); or ("error", APIError)."""
 
     def __init__(self, loop):
         self.loop, self.events, self.cancelled = loop, asyncio.Queue(), False
@@ -394,7 +399,7 @@ class Engine:
         self.device, self.vision_dtype = weight.device, weight.dtype
         self.dtype = model.llm.tok_embeddings.weight.dtype  # not output.weight's: quantised, that is int8
         self.context = model.llm.cfg.context_length
-        self.tokens_per_frame = sample.tokens_per_frame(model)
+        self.tokens_per_frame = model.tokens_per_frame()
         self.long_video = model.is_long_video
         self.cache, self.cache_bytes, self.cache_limit = OrderedDict(), 0, int(args.cache_mb * 2**20)
 
@@ -439,7 +444,7 @@ class Engine:
         return torch.cat(out)
 
     def _encode(self, kind, path, precheck):
-        from data import iter_video, load_image, load_video, movie_prompt
+        from data import iter_video, load_image, movie_prompt
         from PIL import Image
         from vision import preprocess_frames, preprocess_images
         size = self.model.image_size
@@ -454,28 +459,34 @@ class Engine:
             features = self._eva(preprocess_images([image], size, pad_to_square=pad))
             return Media("image", features, 1, [0.0], [thumbnail(image)], None,
                          features.numel() * features.element_size())
+        frames = iter_video(path, fps=self.args.fps, max_frames=self.args.max_frames)
         if not self.long_video:
-            frames, times = load_video(path, fps=self.args.fps, max_frames=self.args.max_frames)
-            if precheck is not None:
-                precheck(len(frames))
-            features = self._eva(preprocess_frames(frames, size))
-            return Media("video", features, len(frames), times, [thumbnail(f) for f in spread(frames, THUMBNAILS)],
-                         None, features.numel() * features.element_size())
-        # an hour-long video streams through EVA in batches; features wait on the CPU in float16 as sample.py's
-        # feature cache (and the original's .pkl) keeps them
-        from tqdm import tqdm
-        out, batch, times, thumbs = [], [], [], []
-        for frame, t in tqdm(iter_video(path, fps=self.args.fps, max_frames=self.args.max_frames),
-                             desc="encoding frames", unit="frame", file=sys.stderr):
-            batch.append(frame)
-            times.append(t)
-            thumbs.append(thumbnail(frame))
-            if len(batch) == EVA_BATCH:
-                out.append(self._eva(preprocess_frames(np.stack(batch), size)).to("cpu", torch.float16))
-                batch.clear()
-        if batch:
-            out.append(self._eva(preprocess_frames(np.stack(batch), size)).to("cpu", torch.float16))
-        features = torch.cat(out)[:, 1:]  # the long-video model gets the patches only (no cls)
+            # frames go through EVA as they are decoded (a long file never sits decoded in memory), and a video
+            # too long for the context stops at the first frame over it
+            out, batch, times, thumbs = [], [], [], []
+            for frame, t in frames:
+                if precheck is not None:
+                    precheck(len(times) + 1)
+                batch.append(frame)
+                times.append(t)
+                thumbs.append(thumbnail(frame))
+                if len(batch) == EVA_BATCH:
+                    out.append(self._eva(preprocess_frames(np.stack(batch), size)))
+                    batch.clear()
+            if batch:
+                out.append(self._eva(preprocess_frames(np.stack(batch), size)))
+            features = torch.cat(out)
+            return Media("video", features, len(times), times, spread(thumbs, THUMBNAILS), None,
+                         features.numel() * features.element_size())
+        # an hour-long video streams through EVA in batches, as sample.py's; the features wait on the CPU in float16
+        thumbs = []
+
+        def previewed(frames):
+            for frame, t in frames:
+                thumbs.append(thumbnail(frame))
+                yield frame, t
+        features, times = sample.extract_features(self.model, previewed(frames), EVA_BATCH)
+        features = features[:, 1:]  # the long-video model gets the patches only (no cls)
         return Media("video", features, len(times), times, spread(thumbs, THUMBNAILS),
                      movie_prompt([], times, self.model.video_token), features.numel() * features.element_size())
 
@@ -499,11 +510,12 @@ class Engine:
 
     def prompt_ids(self, req: ChatRequest, media):
         from data import IMAGE_TOKEN, SYSTEM_VICUNA, build_prompt, tokenize_with_images
-        messages = []
-        for i, (role, text) in enumerate(req.turns):
-            if i == req.media_turn:  # as sample.py's Chat.first_message
-                text = (media.movie_text if self.is_movie(media) else IMAGE_TOKEN) + "\n" + text
-            messages.append((role, text))
+        messages = list(req.turns)
+        if req.source is not None:
+            # as sample.py's Chat (and the original's cli.py): the image / video goes with the LATEST question,
+            # wherever the client attached it; earlier turns keep only their text
+            head = media.movie_text if self.is_movie(media) else IMAGE_TOKEN
+            messages[-1] = ("USER", head + "\n" + messages[-1][1])
         prompt = build_prompt(messages + [("ASSISTANT", None)], "vicuna_v1")
         if req.system is not None:
             prompt = req.system + prompt[len(SYSTEM_VICUNA):]
@@ -519,7 +531,7 @@ class Engine:
         if n >= self.context:
             what = f" ({frames} frame{'s' if frames != 1 else ''} of visual tokens)" if frames else ""
             raise APIError(400, f"the prompt is {n} tokens{what} but the model's context is {self.context} tokens: "
-                                "ask about a shorter video or start a new conversation",
+                                "use a shorter question, conversation or video",
                            code="context_length_exceeded", param="messages", prompt_tokens=n,
                            context_length=self.context)
 
@@ -584,6 +596,7 @@ class TextOut:
 
     def on_token(self, tok):
         if self.job.cancelled:
+            self.finish_reason = "cancelled"  # for the log: nobody is listening any more
             raise Stopped()
         t = int(tok[0])
         if t == self.tokenizer.eos_id:
@@ -639,17 +652,18 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
         traceback.print_exception(e, file=sys.stderr)
         return JSONResponse(APIError(500, f"internal error: {e}").body(), status_code=500)
 
-    async def read_body(request: Request, limit):
+    async def read_body(request: Request, allowed):
+        """The body, refused (413) as soon as its Content-Length or what has come of it is over `allowed` bytes."""
         size = request.headers.get("content-length")
         if size is not None:
             if not size.isdigit():
                 raise APIError(400, f"Content-Length {size!r} is not a number")
-            if int(size) > limit:
+            if int(size) > allowed:
                 raise too_large(int(size), limit)
         chunks, n = [], 0
         async for chunk in request.stream():  # a body without Content-Length is counted as it comes
             n += len(chunk)
-            if n > limit:
+            if n > allowed:
                 raise too_large(n, limit)
             chunks.append(chunk)
         return b"".join(chunks)
@@ -931,17 +945,21 @@ async function chooseFile(file) {
   $("preview").innerHTML = "";
   $("media-info").textContent = "";
   if (previewURL) URL.revokeObjectURL(previewURL);
+  previewURL = null;
   if (!file) return;
   if (file.size > maxUploadMB * 1048576) {
-    showError(`${file.name} is ${(file.size / 1048576).toFixed(1)} MB; this server takes files up to ${maxUploadMB} MB`);
+    const mb = (file.size / 1048576).toFixed(1);
+    showError(`${file.name} is ${mb} MB; this server takes files of up to ${maxUploadMB} MB`);
     return;
   }
-  previewURL = URL.createObjectURL(file);
   const isVideo = file.type.startsWith("video/");
-  const el = document.createElement(isVideo ? "video" : "img");
-  el.src = previewURL;
-  if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
-  $("preview").appendChild(el);
+  if (isVideo || file.type.startsWith("image/")) {  // the browser shows what it can; the frames come from the server
+    previewURL = URL.createObjectURL(file);
+    const el = document.createElement(isVideo ? "video" : "img");
+    el.src = previewURL;
+    if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
+    $("preview").appendChild(el);
+  }
   $("media-info").textContent = "reading frames…";
   $("send").disabled = true;
   try {
@@ -1035,8 +1053,8 @@ async function ask(event) {
     const meta = document.createElement("div");
     meta.className = "meta";
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    meta.textContent = usage ? `${usage.prompt_tokens} prompt tokens · ${usage.completion_tokens} new · ${seconds} s` +
-                               (finish === "length" ? " · cut at max tokens" : "") : `${seconds} s`;
+    meta.textContent = (usage ? `${usage.prompt_tokens} prompt tokens · ${usage.completion_tokens} new · ` : "") +
+                       `${seconds} s` + (finish === "length" ? " · cut at max tokens" : "");
     div.appendChild(meta);
     div.dataset.done = "1";
   } catch (e) {

@@ -39,6 +39,13 @@ resume = True                # continue from out_dir/train_state.pt when it exis
 stages = ()                  # several stages in one command, e.g. (1, 2) (config/shapes.py): see run_stages
 stage_overrides = {}         # {stage: {key: value}} for run_stages: over the config file, under --key=value
 shapes_dataset = {}          # data.make_shapes_dataset arguments: that synthetic data is written first (once)
+# LoRA (the original's lora_enable / bits): adapters on the LLM's projections, base weights frozen
+lora = False
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.05
+lora_base_quant = ""         # "", "bf16", "int8" or "int4": how the frozen base weights are held (QLoRA-style)
+lora_save_merged = False     # also write a merged full checkpoint (float bases only)
 # optimisation
 learning_rate = 2e-5
 min_lr = 0.0
@@ -192,7 +199,8 @@ def atomic_save(write, path: Path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_dir, vocab_file, train_state):
+def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_dir, vocab_file, train_state,
+                    lora_cfg=None):
     from safetensors.torch import save_file
     state = full_state_dict(model, distributed)
     optim = None
@@ -206,8 +214,13 @@ def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_di
         return
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.contiguous() for k, v in to_original_keys(state, model).items()}
-    atomic_save(lambda p: save_file(weights, str(p), metadata={"format": "pt"}), out / "model.safetensors")
+    if lora_cfg is not None:  # peft's layout (adapter_config.json, adapter_model.safetensors, non_lora_trainables)
+        from lora import merged_state_dict, save_adapters
+        save_adapters(model, out, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
+        state = merged_state_dict(model, state) if cfg["lora_save_merged"] else None
+    if state is not None:
+        weights = {k: v.contiguous() for k, v in to_original_keys(state, model).items()}
+        atomic_save(lambda p: save_file(weights, str(p), metadata={"format": "pt"}), out / "model.safetensors")
     hf = dict(model.hf_config)
     hf.update(torch_dtype="float32", transformers_version="4.31.0")
     atomic_save(lambda p: p.write_text(json.dumps(hf, indent=2)), out / "config.json")
@@ -217,7 +230,7 @@ def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_di
             atomic_save(lambda p: shutil.copyfile(src, p), out / name)
     if vocab_file is not None and Path(vocab_file).resolve() != (out / "vocab.txt").resolve():
         atomic_save(lambda p: shutil.copyfile(vocab_file, p), out / "vocab.txt")
-    if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
+    if cfg["stage"] == 1 and state is not None:  # the trainable parts alone, as the original's mm_projector.bin
         parts = {k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))}
         atomic_save(lambda p: torch.save(parts, p), out / "mm_projector.bin")
     train_state = dict(train_state, step=step, optimizer=optim, config={k: v for k, v in cfg.items()
@@ -300,7 +313,7 @@ def main(argv):
 
     out = Path(cfg["out_dir"])
     resuming = cfg["resume"] and (out / "train_state.pt").exists()
-    if resuming:
+    if resuming and not cfg["lora"]:  # (a LoRA run rebuilds its base, then loads its adapters from out_dir)
         cfg["init_from"] = str(out)
     src_dir = Path(cfg["init_from"] if cfg["init_from"] not in ("", "scratch") else cfg["llm_path"] or cfg["tokenizer_dir"])
     vocab = find_bert_vocab(src_dir, cfg["bert_path"] or None)
@@ -312,6 +325,16 @@ def main(argv):
         print(f"stage {cfg['stage']}: {n_train / 1e6:.2f}M trainable of "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es), "
               f"micro batch {cfg['micro_batch_size']}, accumulation {accum}")
+    lora_cfg = None
+    if cfg["lora"]:
+        from lora import LoRAConfig, apply_lora, load_adapters, quantize_base
+        lora_cfg = LoRAConfig(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+        apply_lora(model, lora_cfg)  # freezes the LLM; the visual parts keep the stage's choice
+        if resuming:
+            load_adapters(model, out, merge=False)
+        if cfg["lora_base_quant"]:
+            quantize_base(model, cfg["lora_base_quant"])
+        model.to(dev)
     model.llm.gradient_checkpointing = cfg["gradient_checkpointing"]
     model.visual.set_dropout(cfg["dropout"])
 
@@ -441,7 +464,7 @@ def main(argv):
         if cfg["save_checkpoints"] and (step % cfg["save_interval"] == 0 or step == total):
             state = {"rng_cpu": torch.get_rng_state(),
                      "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "losses": losses}
-            save_checkpoint(model, optimizer, step, cfg, distributed, rank, src_dir, vocab, state)
+            save_checkpoint(model, optimizer, step, cfg, distributed, rank, src_dir, vocab, state, lora_cfg)
     bar.close()
     skipped = torch.tensor([skipped], device=dev)
     if distributed:

@@ -7,18 +7,18 @@ import torch
 torch.set_num_threads(2)  # the numbers in the README were measured on 2 CPU cores
 
 data_dir = "out/shapes_data"
-shapes_dataset = dict(out_dir=data_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=8)
+shapes_dataset = dict(out_dir=data_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2)
 stages = (1, 2)
 stage_overrides = {
     1: dict(template="plain_guided", data_path=f"{data_dir}/captions.json", init_from="scratch",
-            out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=100),
+            out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=60),
     2: dict(template="imgsp_v1", data_path=f"{data_dir}/train.json", init_from="out/shapes_stage1",
             out_dir="out/shapes", learning_rate=2e-3, max_steps=600),
 }
 video_folder = data_dir
 tokenizer_dir = data_dir            # tokenizer.model for the scratch model (then copied into each checkpoint)
 bert_path = f"{data_dir}/bert"      # the Q-Former's WordPiece vocab.txt; its config.json gives the head count
-video_fps = 8                       # every frame of the 16-frame, 8 fps clips
+video_fps = 1                       # 8 frames of each 16-frame, 2 fps clip (sample.py / eval.py default)
 image_size = 56                     # = vision_config's img_size: 4 x 4 patches a frame
 
 # a random model: LLaMA 128 wide, 3 layers; EVA 88 wide (one 88-wide head, as EVA-g's), 2 blocks;
@@ -37,6 +37,6 @@ min_lr = 1e-4
 weight_decay = 0.0
 dropout = 0.0
 gradient_checkpointing = False      # nothing to save at this size; recomputing costs time
-num_workers = 1                     # decodes the next batch's clips while this one trains
+num_workers = 0                     # a worker process fights the 2 training threads for the cores
 log_interval = 25
 save_interval = 100000              # only the final checkpoint of each stage

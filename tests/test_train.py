@@ -164,3 +164,24 @@ def test_feature_pkl_import_is_safe(tmp_path):
         pickle.dump({"feats": feats, "x": Evil()}, f)
     with pytest.raises(ValueError, match="refusing to load posix.system|refusing to load os.system"):
         import_feature_pkl(tmp_path / "evil.pkl")
+
+
+@pytest.mark.parametrize("quant", ["", "int8"])
+def test_lora_stage2_trains_adapters_only(fixtures, dataset, tmp_path, quant):
+    from lora import load_lora_model
+    out = tmp_path / "lora"
+    losses = run(stage2_args(fixtures, dataset) + ["--lora=True", "--lora_r=8", "--lora_alpha=16",
+                                                    f"--lora_base_quant={quant}"], out, max_steps=6,
+                 learning_rate=3e-3)
+    assert losses[-1] < 0.8 * losses[0]
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    base = LlamaVID.from_pretrained(fixtures / "video")
+    merged = load_lora_model(out, fixtures / "video")  # the base + our adapters + non-LoRA trainables, merged
+    changed = [n for n, p in merged.llm.named_parameters() if not torch.equal(p, base.llm.state_dict()[n])]
+    assert changed and all(n.endswith(("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight",
+                                       "w2.weight", "w3.weight")) for n in changed)
+    if not quant:  # resuming restores the adapters and continues
+        more = run(stage2_args(fixtures, dataset) + ["--lora=True", "--lora_r=8", "--lora_alpha=16"], out,
+                   max_steps=8, learning_rate=3e-3)
+        assert len(more) == 2

@@ -1,0 +1,381 @@
+"""serve.py: the official openai client gets what sample.py prints (greedy, streamed or not, multi-turn), bad requests
+get OpenAI-shaped 4xx errors while the server keeps serving, and a headless Chromium chats on its page."""
+import base64
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import write_video  # noqa: E402
+
+QUESTION = "What is moving in the video?"
+FOLLOW_UP = "Which way does the red square go?"
+IMAGE_QUESTION = "Describe the image."
+NEW = 8
+FRAMES = 3  # the clip: 6 frames at 2 fps, sampled at 1 fps -> t = 0, 1, 2 s
+CPU = ["--device", "cpu", "--dtype", "float32"]
+GREEDY = ["--temperature", "0", "--max-new-tokens", str(NEW), "--debug"]
+UPLOAD_MB = 1  # the server's --max-upload-mb here, so that an upload over it stays small
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_py(*args, stdin=None):
+    """sample.py started as a user runs it (it runs while the server loads)."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    return subprocess.Popen([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE), stdin
+
+
+def finish(proc_and_stdin):
+    proc, stdin = proc_and_stdin
+    out, err = proc.communicate(stdin.encode() if stdin else None, timeout=120)
+    out, err = out.decode("utf-8"), err.decode("utf-8")
+    assert proc.returncode == 0, err
+    counts = [int(n) for n in re.findall(r"\[prompt, (\d+) tokens\]", err)]  # what sample.py --debug counts
+    return out, counts
+
+
+@pytest.fixture(scope="module")
+def world(fixtures, tmp_path_factory):
+    """The server on a free port, and sample.py's answers to compare with (both started at once: 2 cores)."""
+    ckpt = fixtures / "video"
+    folder = tmp_path_factory.mktemp("serve")
+    frames = np.full((6, 48, 64, 3), 30, np.uint8)  # two shapes moving in opposite directions, 2 fps
+    for t in range(6):
+        frames[t, 8:20, 4 + 8 * t:16 + 8 * t] = (230, 40, 40)
+        frames[t, 28:40, 48 - 6 * t:60 - 6 * t] = (40, 200, 60)
+    clip, png = folder / "clip.mp4", fixtures / "cases" / "image.png"
+    write_video(clip, frames, fps=2)
+    allowed = folder / "allowed"  # the server's --media-dir
+    allowed.mkdir()
+    shutil.copy(clip, allowed / "clip.mp4")
+
+    port = free_port()
+    log = open(folder / "server.log", "w+")
+    server = subprocess.Popen([sys.executable, "serve.py", "--model-path", str(ckpt), "--port", str(port), *CPU,
+                               "--media-dir", str(allowed), "--max-upload-mb", str(UPLOAD_MB)],
+                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    runs = [sample_py("--model-path", ckpt, "--video", clip, "--question", QUESTION, *CPU, *GREEDY),
+            sample_py("--model-path", ckpt, "--video", clip, *CPU, *GREEDY, stdin=f"{QUESTION}\n{FOLLOW_UP}\n"),
+            sample_py("--model-path", ckpt, "--image", png, "--question", IMAGE_QUESTION, *CPU, *GREEDY)]
+    try:
+        (answer, (n_prompt,)), (chat_out, chat_counts), (image_out, (n_image,)) = [finish(r) for r in runs]
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"serve.py did not come up:\n{log.read()}")
+            time.sleep(0.2)
+        # interactive sample.py: "USER: ASSISTANT: <answer>\n" per question
+        chat = re.findall(r"ASSISTANT: (.*?)\nUSER: ", chat_out, re.S)
+        assert len(chat) == 2 and len(chat_counts) == 2, chat_out
+        yield SimpleNamespace(url=url, port=port, ckpt=ckpt, clip=clip, png=png, folder=folder,
+                              answer=answer[:-1], n_prompt=n_prompt,  # sample.py ends the answer with "\n"
+                              chat=chat, chat_counts=chat_counts, image_answer=image_out[:-1], n_image=n_image)
+    finally:
+        for proc, _ in runs:  # left running only when another one failed
+            if proc.poll() is None:
+                proc.kill()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def data_url(path, mime):
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def video_part(url):
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def ask(media_part, question):
+    return {"role": "user", "content": [media_part, {"type": "text", "text": question}]}
+
+
+@pytest.fixture(scope="module")
+def client(world):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=world.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(client, messages, **kw):
+    return client.chat.completions.create(model="video", messages=messages, temperature=0, max_tokens=NEW, **kw)
+
+
+def streamed(client, messages, **kw):
+    """(text, content chunks, finish_reason, usage) of a streamed completion."""
+    text, n, finish, usage = "", 0, None, None
+    for chunk in greedy(client, messages, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text, n = text + choice.delta.content, n + 1
+            finish = choice.finish_reason or finish
+    return text, n, finish, usage
+
+
+def post(world, path, body: bytes, content_type="application/json"):
+    """(status, json) of a raw POST."""
+    req = urllib.request.Request(world.url + path, body, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat_request(world, messages, **kw):
+    return post(world, "/v1/chat/completions",
+                json.dumps({"model": "video", "messages": messages, "max_tokens": NEW, **kw}).encode())
+
+
+def assert_error(status_body, status, *words):
+    got, body = status_body
+    assert got == status, body
+    err = body["error"]  # OpenAI's shape
+    assert isinstance(err["message"], str) and err["type"] and "code" in err and "param" in err
+    for w in words:
+        assert w in err["message"], err["message"]
+    return err
+
+
+def health(world):
+    with urllib.request.urlopen(world.url + "/health", timeout=10) as r:
+        assert r.status == 200
+        return json.loads(r.read())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the answers are sample.py's
+
+def test_models_and_health(world, client):
+    assert [m.id for m in client.models.list().data] == ["video"]
+    h = health(world)
+    assert h["status"] == "ok" and h["model"] == "video"
+
+
+def test_greedy_matches_sample(world, client):
+    r = greedy(client, [ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)])
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == world.answer
+    assert r.usage.prompt_tokens == world.n_prompt  # text + visual tokens, as sample.py counts them
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    if choice.finish_reason == "length":
+        assert r.usage.completion_tokens == NEW
+    else:
+        assert choice.finish_reason == "stop" and r.usage.completion_tokens < NEW
+
+
+def test_streaming_matches_sample(world, client):
+    text, chunks, finish, usage = streamed(client, [ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)])
+    assert text == world.answer
+    assert chunks >= 2 and finish in ("stop", "length")
+    assert usage.prompt_tokens == world.n_prompt and usage.completion_tokens <= NEW
+
+
+def test_multi_turn_matches_sample_chat(world, client):
+    """The image goes in the first message; the follow-up is answered as sample.py's chat answers it (the media
+    with the latest question, which guides the visual tokens)."""
+    first = ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)
+    r = greedy(client, [first])
+    assert r.choices[0].message.content.strip() == world.chat[0].strip()
+    history = [first, {"role": "assistant", "content": r.choices[0].message.content},
+               {"role": "user", "content": FOLLOW_UP}]
+    text, _, _, usage = streamed(client, history)
+    assert text == world.chat[1]
+    assert usage.prompt_tokens == world.chat_counts[1]
+
+
+def test_image_and_media_dir_path(world, client):
+    r = client.chat.completions.create(model="video", temperature=0, max_tokens=NEW, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(world.png, "image/png")}},
+                                     {"type": "text", "text": IMAGE_QUESTION}]}])
+    assert r.choices[0].message.content == world.image_answer and r.usage.prompt_tokens == world.n_image
+    # a file under --media-dir, by relative path and by file:// URL
+    for url in ("clip.mp4", (world.folder / "allowed" / "clip.mp4").as_uri()):
+        r = greedy(client, [ask(video_part(url), QUESTION)])
+        assert r.choices[0].message.content == world.answer
+
+
+def test_stop_strings_and_seed(world, client):
+    answer = world.answer
+    k = next((i for i in range(1, len(answer) - 2)
+              if answer.find(answer[i:i + 2]) == i and "\ufffd" not in answer[i:i + 2]), None)
+    if k is None:
+        pytest.skip(f"the greedy answer {answer!r} has no usable stop string")
+    messages = [ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)]
+    r = greedy(client, messages, stop=[answer[k:k + 2], "never appears"])
+    assert r.choices[0].message.content == answer[:k] and r.choices[0].finish_reason == "stop"
+    text, _, finish, usage = streamed(client, messages, stop=answer[k:k + 2])
+    assert text == answer[:k] and finish == "stop" and usage.completion_tokens <= NEW
+    sampled = [client.chat.completions.create(model="video", messages=messages, temperature=1.0, top_p=1.0, seed=7,
+                                              max_tokens=NEW).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_requests_queue_and_health_stays_up(world):
+    """Four requests at once are answered one after another, each as if alone; /health answers meanwhile."""
+    messages = [ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(chat_request, world, messages, temperature=0) for _ in range(4)]
+        assert health(world)["status"] == "ok"
+        for f in answers:
+            status, body = f.result()
+            assert status == 200 and body["choices"][0]["message"]["content"] == world.answer
+
+
+def test_media_upload_previews_frames(world):
+    status, body = post(world, "/v1/media", world.clip.read_bytes(), "video/mp4")
+    assert status == 200 and body["kind"] == "video" and body["frames"] == FRAMES
+    assert len(body["thumbnails"]) == FRAMES and all(t.startswith("data:image/jpeg;base64,")
+                                                     for t in body["thumbnails"])
+    assert body["times"] == pytest.approx([0.0, 1.0, 2.0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad requests: 4xx in OpenAI's shape, and the server goes on
+
+def raw_post(world, path, head_only_length):
+    """Claim a body of head_only_length bytes in Content-Length but send none: the server must refuse from the
+    header alone. Returns (status, json)."""
+    with socket.create_connection(("127.0.0.1", world.port), timeout=30) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {head_only_length}\r\n\r\n".encode())
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+        while len(body) < length:
+            body += s.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_bad_requests(world, client):
+    import openai
+    clip = video_part(data_url(world.clip, "video/mp4"))
+    assert_error(post(world, "/v1/chat/completions", b'{"model": "video", "messages": ['), 400, "JSON")
+    err = assert_error(post(world, "/v1/chat/completions",
+                            json.dumps({"model": "gpt-4o", "messages": [ask(clip, QUESTION)]}).encode()), 404)
+    assert err["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+    # over --max-upload-mb: by the Content-Length header alone, and by the decoded size of a data: URL
+    assert_error(raw_post(world, "/v1/chat/completions", 100 * UPLOAD_MB * 2**20), 413)
+    assert_error(raw_post(world, "/v1/media", UPLOAD_MB * 2**20 + 1), 413)
+    big = f"data:video/mp4;base64,{base64.b64encode(os.urandom(UPLOAD_MB * 2**20 + 1000)).decode()}"
+    assert_error(chat_request(world, [ask(video_part(big), QUESTION)]), 413, "--max-upload-mb")
+
+    # not an image or a video
+    junk = "data:video/mp4;base64," + base64.b64encode(b"this is not a video at all" * 40).decode()
+    assert_error(chat_request(world, [ask(video_part(junk), QUESTION)]), 415)
+    text = "data:text/plain;base64," + base64.b64encode(b"hello").decode()
+    assert_error(chat_request(world, [ask(video_part(text), QUESTION)]), 415, "not an image or a video")
+    assert_error(post(world, "/v1/media", b"hello", "text/plain"), 415)
+
+    # paths outside --media-dir, and remote URLs without --allow-remote
+    for url in ("../clip.mp4", str(world.clip), "file:///etc/passwd", "/etc/hostname"):
+        assert_error(chat_request(world, [ask(video_part(url), QUESTION)]), 403)
+    assert_error(chat_request(world, [ask(video_part("missing.mp4"), QUESTION)]), 404)
+    assert_error(chat_request(world, [ask(video_part(world.url + "/clip.mp4"), QUESTION)]), 403, "--allow-remote")
+
+    # a prompt over the context: 400 with the counts
+    config = json.loads((world.ckpt / "config.json").read_text())
+    context = int(config["max_position_embeddings"] * ((config.get("rope_scaling") or {}).get("factor", 1)))
+    err = assert_error(chat_request(world, [ask(clip, "why " * context)]), 400, str(context))
+    assert err["code"] == "context_length_exceeded" and err["prompt_tokens"] > context
+    assert str(err["prompt_tokens"]) in err["message"]
+
+    # malformed conversations and parameters
+    other = video_part(data_url(world.png, "image/png"))
+    assert_error(chat_request(world, [ask(clip, QUESTION), {"role": "assistant", "content": "a"},
+                                      ask(other, FOLLOW_UP)]), 400, "one per conversation")
+    assert_error(chat_request(world, [ask(clip, QUESTION), {"role": "assistant", "content": "a"}]), 400)
+    assert_error(chat_request(world, [ask(clip, QUESTION)], temperature="hot"), 400, "temperature")
+    assert_error(chat_request(world, []), 400, "messages")
+    assert_error(post(world, "/v1/nothing", b"{}"), 404)
+
+    # still serving, and still right
+    assert health(world)["status"] == "ok"
+    assert greedy(client, [ask(clip, QUESTION)]).choices[0].message.content == world.answer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the page, in a real browser
+
+def test_browser_chat(world, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    shot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "serve_screenshot.png"))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 760})
+            page.set_default_timeout(30_000)
+            page_errors = []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(world.url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('video')")
+
+            page.set_input_files("#file", str(world.clip))
+            page.wait_for_function(f"document.querySelectorAll('#frames img').length === {FRAMES}")
+            assert "3 frames" in page.text_content("#media-info")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", str(NEW))
+            page.fill("#question", QUESTION)
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant[data-done='1']")
+            assert page.text_content(".msg.assistant .text") == world.answer
+            assert int(page.get_attribute(".msg.assistant", "data-chunks")) >= 2  # it arrived in pieces
+            assert "prompt tokens" in page.text_content(".msg.assistant .meta")
+
+            page.fill("#question", FOLLOW_UP)  # the second turn, sent with Enter, as sample.py's chat answers it
+            page.press("#question", "Enter")
+            page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='1']")
+            assert page.text_content(".msg.assistant:nth-of-type(4) .text") == world.chat[1]
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shot))
+
+            page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a video"})
+            page.wait_for_selector("#error", state="visible")
+            assert "not an image or a video" in page.text_content("#error")
+            assert page_errors == []
+        finally:
+            browser.close()

@@ -109,12 +109,12 @@ TEMPLATES = ("vicuna_v1", "imgsp_v1", "plain_guided")
 ROLES = {"human": "USER", "gpt": "ASSISTANT"}
 
 
-def build_prompt(messages, template):
+def build_prompt(messages, template, system=None):
     """messages: [("USER"|"ASSISTANT", text or None), ...]; a final ("ASSISTANT", None) leaves the open
-    "ASSISTANT:" that generation continues from."""
+    "ASSISTANT:" that generation continues from. system replaces Vicuna's system sentence."""
     if template in ("vicuna_v1", "imgsp_v1"):
         # separators alternate by position: " " after a user turn, "</s>" after a reply
-        prompt = SYSTEM_VICUNA + " "
+        prompt = (SYSTEM_VICUNA if system is None else system) + " "
         for i, (role, text) in enumerate(messages):
             prompt += f"{role}: {text}" + (" ", "</s>")[i % 2] if text else f"{role}:"
         return prompt

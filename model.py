@@ -457,7 +457,7 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
     """Continue prompts given as embeddings (B, T, dim); rows of a batch are left-padded (attention_mask 0).
 
     Returns (B, n) new token ids; a row that hit EOS is padded with EOS. callback(tokens (B,)) is called for
-    every step, for streaming. compile=True runs the decode step through torch.compile with CUDA graphs.
+    every step, for streaming; returning True stops generation. compile=True runs the decode step through torch.compile with CUDA graphs.
     The prompt is prefilled in chunks of prefill_chunk tokens, so activations stay bounded for long prompts.
     """
     B, T, _ = embeds.shape
@@ -489,8 +489,8 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
             tok = torch.where(done, torch.full_like(tok, eos_id), tok)
             done |= tok == eos_id
         out.append(tok)
-        if callback is not None:
-            callback(tok)
+        if callback is not None and callback(tok):  # the caller may stop early (a stop string, a disconnect)
+            break
         if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
             break
         pos = torch.tensor([T + i], device=dev)
@@ -522,9 +522,11 @@ class LlamaVID(nn.Module):
         """The hour-long model: rope scaling stretched the context (stage 3)."""
         return bool(self.llm.cfg.rope_scaling)
 
-    def is_features(self, media: torch.Tensor) -> bool:
-        """Precomputed EVA features (T, N, W) rather than pixels (T, 3, S, S)."""
-        return media.ndim == 3 and media.shape[-1] == self.mm_hidden_size
+    def is_long_features(self, media: torch.Tensor) -> bool:
+        """Precomputed long-video features (T, N, W), cls removed (an even token count), as the movie model takes
+        them; EVA's own output (T, 1+N, W) keeps its cls token (an odd count: the original tells them apart the
+        same way) and is treated like the pixels it came from."""
+        return media.ndim == 3 and media.shape[-1] == self.mm_hidden_size and media.shape[1] % 2 == 0
 
     def tokens_per_frame(self) -> int:
         """LLM tokens per image / frame from pixels: a context token and the content tokens."""
@@ -532,13 +534,19 @@ class LlamaVID(nn.Module):
         return self.visual.tokens_per_frame((self.image_size // patch) ** 2)
 
     def media_tokens(self, media: torch.Tensor, prompts: list) -> torch.Tensor:
-        """Visual tokens of one image / video: (len(prompts), tokens, dim), one row per guiding question."""
-        if self.is_features(media):  # long video: cached features, the Q-Former runs in blocks of frames
+        """Visual tokens of one image / video: (len(prompts), tokens, dim), one row per guiding question.
+        media: pixels (T, 3, S, S), EVA features (T, 1+N, W), or long-video features (T, N, W)."""
+        if self.is_long_features(media):  # long video: cached features, the Q-Former runs in blocks of frames
             return self.visual(media, prompts, long_video=True)
-        if self.vision is None:
-            raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
-        features = self.vision(media.to(self.vision.patch_embed.proj.weight.dtype))
-        return self.visual(features, prompts)
+        if media.ndim == 4:
+            if self.vision is None:
+                raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
+            media = self.encode(media)
+        return self.visual(media, prompts)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """EVA features (T, 1+N, W) of preprocessed frames (T, 3, S, S): what media_tokens accepts in their place."""
+        return self.vision(pixels.to(self.vision.patch_embed.proj.weight.dtype))
 
     def embed(self, input_ids, media: list, prompts: list, attention_mask=None, labels=None, left_pad=False):
         """Embed a batch of prompts with their visual tokens spliced in at the -200 placeholders.
@@ -563,7 +571,7 @@ class LlamaVID(nn.Module):
                 emb = text
             else:
                 vis = self.media_tokens(media[b], prompts[b]).to(text.dtype)
-                if self.is_features(media[b]):
+                if self.is_long_features(media[b]):
                     if len(slots) != vis.shape[1]:
                         raise ValueError(f"sample {b}: {vis.shape[1]} visual tokens for {len(slots)} <image> "
                                          f"placeholders; the movie prompt needs {self.video_token} per frame")
@@ -617,11 +625,11 @@ class LlamaVID(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, media, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                 eos_id=2, callback=None, generator=None):
+                 eos_id=2, callback=None, generator=None, compile=False):
         """New token ids (B, n) for a batch of prompts (left-padded internally)."""
         embeds, mask, _ = self.embed(input_ids, media, prompts, left_pad=True)
         return generate(self.llm, embeds, max_new_tokens, attention_mask=mask, temperature=temperature,
-                        top_p=top_p, eos_id=eos_id, callback=callback, generator=generator)
+                        top_p=top_p, eos_id=eos_id, callback=callback, generator=generator, compile=compile)
 
     @classmethod
     def from_pretrained(cls, model_dir, vision_path=None, bert_path=None, dtype=torch.float32, device="cpu",

@@ -36,6 +36,12 @@ def parse_args(argv=None):
                    help="where movie feature caches go (default: beside the video)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true", help="print each full prompt to stderr before its answer")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantisation of the LLM (the original's --load-8bit / --load-4bit)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    p.add_argument("--lora", type=Path, default=None, help="a LoRA run directory (peft layout) to merge on load")
+    p.add_argument("--model-base", type=Path, default=None,
+                   help="the checkpoint a LoRA run trained on (default: --model-path)")
     args = p.parse_args(argv)
     if not args.fps > 0:
         p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
@@ -144,7 +150,7 @@ def prompt_length(model, ids, media) -> int:
     too long for the context fails before the vision tower spends minutes on an hour of frames."""
     from data import IMAGE_TOKEN_INDEX
     slots = int((ids == IMAGE_TOKEN_INDEX).sum())
-    if media is None or slots == 0 or model.is_features(media):  # long video: one token per placeholder
+    if media is None or slots == 0 or model.is_long_features(media):  # long video: one token per placeholder
         return len(ids)
     return len(ids) - slots + slots * media.shape[0] * model.tokens_per_frame()
 
@@ -152,8 +158,8 @@ def prompt_length(model, ids, media) -> int:
 class Chat:
     """One conversation about one image / video / movie; the visual tokens are re-guided by each new question."""
 
-    def __init__(self, model, tokenizer, media, movie_text=None):
-        self.model, self.tokenizer, self.media = model, tokenizer, media
+    def __init__(self, model, tokenizer, media, movie_text=None, compile=False):
+        self.model, self.tokenizer, self.media, self.compile = model, tokenizer, media, compile
         self.movie_text = movie_text  # the movie prompt (frames and subtitles) that precedes the first question
         self.messages = []
 
@@ -187,8 +193,10 @@ class Chat:
             print(f"note: {max_new_tokens} tokens of context left; the answer stops there", file=sys.stderr)
         if debug:
             print(f"[prompt, {n} tokens] {self.prompt_text(question)}", file=sys.stderr, flush=True)
-        dev = self.model.llm.tok_embeddings.weight.device
-        media = None if self.media is None else [self.media.to(dev, self.model.llm.tok_embeddings.weight.dtype)]
+        dev, dtype = self.model.llm.tok_embeddings.weight.device, self.model.llm.tok_embeddings.weight.dtype
+        if self.media is not None and self.media.ndim == 4:  # pixels: run EVA once, every later turn reuses it
+            self.media = self.model.encode(self.media.to(dev, dtype))
+        media = None if self.media is None else [self.media.to(dev, dtype)]
         new, printed = [], ""
 
         def on_token(tok):
@@ -200,7 +208,7 @@ class Chat:
                 printed = text
         self.model.generate(ids[None].to(dev), media, [[question]], max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, eos_id=self.tokenizer.eos_id,
-                            callback=on_token, generator=generator)
+                            callback=on_token, generator=generator, compile=self.compile)
         final = self.tokenizer.decode(new)
         if stream is not None and len(final) > len(printed):
             stream(final[len(printed):])
@@ -264,9 +272,22 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
     torch.manual_seed(args.seed)
     long_video = args.movie or args.features is not None
-    model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                     dtype=dtype, device=device, load_vision=args.features is None)
-    tokenizer = Tokenizer(model_path)
+    lora_dir = args.lora
+    if lora_dir is None and (model_path / "adapter_config.json").exists():  # the original's convention
+        lora_dir, model_path = model_path, args.model_base or model_path
+    if lora_dir is not None:
+        from lora import load_lora_model
+        base = args.model_base or model_path
+        model = load_lora_model(lora_dir, base, vision_path=args.vision_path, bert_path=args.bert_path,
+                                dtype=dtype, device=device, load_vision=args.features is None)
+        tokenizer = Tokenizer(lora_dir if (lora_dir / "tokenizer.model").exists() else base)
+    else:
+        model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
+                                         dtype=dtype, device=device, load_vision=args.features is None)
+        tokenizer = Tokenizer(model_path)
+    if args.quantize:
+        from quantize import quantize_model
+        quantize_model(model.llm, args.quantize, device=device)
     movie = model.is_long_video or long_video
     if args.subtitles is not None and not (movie and (args.video or args.features)):
         raise ValueError("--subtitles go with a long video: give --video with a long-video checkpoint (or --movie), "
@@ -274,7 +295,7 @@ def main(argv=None):
     media, movie_text = load_media(model, args)
     temperature = args.temperature if args.temperature is not None else (0.6 if movie else 0.2)
     top_p = args.top_p if args.top_p is not None else (0.9 if movie else 0.7)
-    chat = Chat(model, tokenizer, media, movie_text)
+    chat = Chat(model, tokenizer, media, movie_text, compile=args.compile)
 
     def stream(text):
         print(text, end="", flush=True)

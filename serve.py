@@ -509,16 +509,14 @@ class Engine:
     # chat ---------------------------------------------------------------------------------------------------
 
     def prompt_ids(self, req: ChatRequest, media):
-        from data import IMAGE_TOKEN, SYSTEM_VICUNA, build_prompt, tokenize_with_images
+        from data import IMAGE_TOKEN, build_prompt, tokenize_with_images
         messages = list(req.turns)
         if req.source is not None:
             # as sample.py's Chat (and the original's cli.py): the image / video goes with the LATEST question,
             # wherever the client attached it; earlier turns keep only their text
             head = media.movie_text if self.is_movie(media) else IMAGE_TOKEN
             messages[-1] = ("USER", head + "\n" + messages[-1][1])
-        prompt = build_prompt(messages + [("ASSISTANT", None)], "vicuna_v1")
-        if req.system is not None:
-            prompt = req.system + prompt[len(SYSTEM_VICUNA):]
+        prompt = build_prompt(messages + [("ASSISTANT", None)], "vicuna_v1", system=req.system)
         return tokenize_with_images(prompt, self.tokenizer)
 
     def prompt_tokens(self, ids, frames, movie=False):
@@ -539,15 +537,10 @@ class Engine:
         tokens = torch.tensor(ids, device=self.device)
         if media is None:
             return self.model.llm.tok_embeddings(tokens)[None]
-        if self.is_movie(media):
-            embeds, _, _ = self.model.embed([tokens], [media.features.to(self.device, self.dtype)], [[question]])
-            return embeds
-        # LlamaVID.embed wants pixels for an image / short video; the cache holds their EVA features, so the
-        # splice is done here: the same text embeddings around what LlamaVID.media_tokens makes of the features
-        visual = self.model.visual(media.features, [question])  # (1, frames * tokens_per_frame, dim)
-        text = self.model.llm.tok_embeddings(tokens.clamp(min=0))
-        s = ids.index(self.image_token_index)
-        return torch.cat([text[:s], visual[0].to(text.dtype), text[s + 1:]])[None]
+        # the cache holds EVA features (with cls) for images and short videos, cls-less features for movies:
+        # LlamaVID.embed takes either in place of pixels
+        embeds, _, _ = self.model.embed([tokens], [media.features.to(self.device, self.dtype)], [[question]])
+        return embeds
 
     def complete(self, req: ChatRequest, job: Job):
         from model import generate

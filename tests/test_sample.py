@@ -320,3 +320,12 @@ def test_prompt_longer_than_context(fixtures, models, media, tmp_path):
     side = ["--vision-path", fixtures / "eva_vit_g.pth", "--bert-path", fixtures / "bert-base-uncased"]
     assert_user_error(*run("--model-path", ckpt, *side, "--video", media / "clip.mp4", "--question", "hi", *CPU),
                       f"{n} tokens", "--fps", "--max-frames")
+
+
+def test_quantized_answers_run(fixtures, media):
+    """--quantize int8 / int4 (the original's --load-8bit / --load-4bit) answer through the same path."""
+    for mode in ("int8", "int4"):
+        rc, out, err = run("--model-path", fixtures / "video", "--video", media / "clip.mp4", "--question", "What?",
+                           "--quantize", mode, *CPU)
+        assert rc == 0 and "Traceback" not in err, err
+        assert out.strip()

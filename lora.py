@@ -586,8 +586,7 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     Vicuna / LLaMA directory, or a LLaMA-VID checkpoint such as the stage-1 output), the token generator from
     model_base overlaid with lora_dir's non_lora_trainables.bin, then the adapters (merged by default, like the
     original's builder; merge=False keeps LoRALinear layers). Merged, it can be quantised afterwards."""
-    from model import (LLaMA, LLaMAConfig, LlamaVID, find_bert_vocab, find_vision_weights, load_weights,
-                       read_config)
+    from model import LlamaVID, find_bert_vocab, find_vision_weights, load_llm_and_rest, read_config
     from tokens import VisualTokenizer
     from vision import EVAViT, image_size_from_config
     lora_dir, model_base = Path(lora_dir), Path(model_base)
@@ -596,18 +595,7 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     if "mm_hidden_size" not in hf:
         raise ValueError(f"{lora_dir}/config.json has no 'mm_hidden_size': not a LLaMA-VID LoRA run (its "
                          "config.json is written beside the adapters)")
-    with torch.device("meta"):
-        llm = LLaMA(LLaMAConfig.from_hf(hf))
-    side = {"vision": {}, "tokens": {}}
-
-    def rename(key):
-        if key.startswith(VISION_PREFIX):
-            return ("vision", key)
-        if key.startswith(TOKEN_PREFIXES):
-            return ("tokens", key)
-        return hf_to_ours(key)
-    load_weights(llm, model_base, rename, dtype=dtype, device=device, side=side)
-    llm.inv_freq = llm._inv_freq(device)
+    llm, side = load_llm_and_rest(model_base, hf, dtype, device)
     non_lora = {}
     if (lora_dir / NON_LORA_FILE).is_file():
         non_lora = read_non_lora_trainables(lora_dir / NON_LORA_FILE)

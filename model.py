@@ -3,7 +3,7 @@ into its prompt, checkpoint loading from the original HF directories, and genera
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -112,8 +112,10 @@ def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
     if causal and mask is None and q.shape[2] != k.shape[2]:
-        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
-        causal = False
+        # a prefill chunk after cached tokens: the causal mask aligned to the bottom right, which SDPA's flash and
+        # memory-efficient kernels apply themselves (no (Tq, Tk) mask in memory, and flash stays usable)
+        from torch.nn.attention.bias import causal_lower_right
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
@@ -140,13 +142,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wqkv = None  # set by LLaMA.fuse() for inference: wq, wk, wv stacked into one matmul
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x, cos, sin, mask=None, input_pos=None, kv_len=None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.wqkv is not None:
+            kv_dim = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -165,8 +173,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w13 = None  # set by LLaMA.fuse() for inference: w1 and w3 stacked into one matmul
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -212,6 +224,27 @@ class LLaMA(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = None
 
+    @torch.no_grad()
+    def fuse(self) -> "LLaMA":
+        """For inference, in place: wq/wk/wv become one projection and w1/w3 another. Decoding reads the same
+        bytes in 4 matmuls a layer instead of 7 (fewer, larger kernels). Checkpoint names stay those of the separate
+        weights, so load (and merge LoRA) before fusing and save from an unfused model; quantise after fusing."""
+        def stacked(*linears):
+            fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False, device="meta")
+            w = linears[0].weight
+            fused.weight = nn.Parameter(torch.cat([m.weight for m in linears]), requires_grad=w.requires_grad)
+            return fused
+        for layer in self.layers:
+            att, ff = layer.attention, layer.feed_forward
+            if att.wqkv is not None:
+                continue
+            if not all(type(m) is nn.Linear for m in (att.wq, att.wk, att.wv, ff.w1, ff.w3)):
+                raise ValueError("fuse() needs plain nn.Linear projections: fuse before quantising or adding LoRA")
+            att.wqkv = stacked(att.wq, att.wk, att.wv)
+            ff.w13 = stacked(ff.w1, ff.w3)
+            del att.wq, att.wk, att.wv, ff.w1, ff.w3  # the stacked copies replace them (no weight held twice)
+        return self
+
     def forward(self, tokens=None, embeds=None, attention_mask=None, positions=None, input_pos=None,
                 logits_from: int = 0):
         """Logits for tokens (B, T) or input embeddings (B, T, dim).
@@ -231,9 +264,12 @@ class LLaMA(nn.Module):
         mask, kv_len = None, None  # mask None = plain causal attention, the fast path
         if cached:
             S = self.layers[0].attention.kv_cache.k.shape[2]
+            chunk = False
             if T > 1:  # prefill: attend over the slots filled so far (decode keeps the static full length)
-                S = kv_len = int(input_pos[-1]) + 1
-            if T < S or attention_mask is not None:
+                first, last = input_pos[[0, -1]].tolist()
+                S = kv_len = last + 1
+                chunk = last - first == T - 1  # consecutive slots ending at kv_len: causal, bottom-right aligned
+            if (T < S and not chunk) or attention_mask is not None:
                 mask = torch.arange(S, device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
             qpos = input_pos
         else:
@@ -444,9 +480,13 @@ _compiled_decode_step = None
 
 
 def compiled_decode_step():
+    """decode_step through torch.compile, with gpt-fast's settings: CUDA graphs (mode reduce-overhead: no launch
+    overhead), and coordinate-descent tuning, with which inductor also turns a one-row matmul into a fused reduction:
+    int8 weights are then cast in registers instead of being written out as a bf16 copy every step."""
     global _compiled_decode_step
     if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)
+        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, options={
+            "triton.cudagraphs": True, "coordinate_descent_tuning": True, "triton.unique_kernel_names": True})
     return _compiled_decode_step
 
 
@@ -482,6 +522,10 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
                        positions=(input_pos[None] - pad).clamp(min=0), input_pos=input_pos,
                        logits_from=len(input_pos) - 1)[:, -1]
     step = compiled_decode_step() if compile else decode_step
+    # Nothing in the loop waits for the GPU unless it must: the slot position lives on the device and advances in
+    # place (a new host tensor each step would be a copy that waits for the queued work), and `done` is read
+    # every 8 steps when no callback reads the tokens anyway. The host thus queues steps ahead of the GPU.
+    pos = torch.tensor([T], device=dev)
     out, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     for i in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
@@ -491,11 +535,17 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
         out.append(tok)
         if callback is not None and callback(tok):  # the caller may stop early (a stop string, a disconnect)
             break
-        if i == max_new_tokens - 1 or (eos_id is not None and bool(done.all())):
+        look = eos_id is not None and (callback is not None or i % 8 == 7)
+        if i == max_new_tokens - 1 or (look and bool(done.all())):
             break
-        pos = torch.tensor([T + i], device=dev)
-        logits = step(model, tok, pos, pos[None] - pad, key_mask).clone()
-    return torch.stack(out, dim=1)
+        logits = step(model, tok, pos, pos[None] - pad, key_mask).clone()  # clone: CUDA graphs reuse the output
+        pos += 1
+    tokens = torch.stack(out, dim=1)
+    if eos_id is not None and tokens.shape[1] > 1:
+        hit = tokens == eos_id
+        if bool(hit.any(1).all()):  # every row ended: drop the steps after the last row's EOS (as if we had looked)
+            tokens = tokens[:, :int(hit.int().argmax(1).max()) + 1]
+    return tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -651,18 +701,7 @@ class LlamaVID(nn.Module):
             raise FileNotFoundError(f"{tokenizer_file} is missing: a LLaMA-VID checkpoint directory needs the "
                                     "SentencePiece tokenizer.model it was trained with")
         vocab = find_bert_vocab(model_dir, bert_path)
-        with torch.device("meta"):
-            llm = LLaMA(LLaMAConfig.from_hf(hf))
-        side = {"vision": {}, "tokens": {}}
-
-        def rename(key):
-            if key.startswith(VISION_PREFIX):
-                return ("vision", key)
-            if key.startswith(TOKEN_PREFIXES):
-                return ("tokens", key)
-            return hf_to_ours(key)
-        load_weights(llm, model_dir, rename, dtype=dtype, device=device, side=side)
-        llm.inv_freq = llm._inv_freq(device)
+        llm, side = load_llm_and_rest(model_dir, hf, dtype, device)
         if not side["tokens"]:
             raise ValueError(f"{model_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
                              "LLaMA checkpoint, not LLaMA-VID")
@@ -678,6 +717,24 @@ class LlamaVID(nn.Module):
                 raise ValueError(f"vision weights are {vision.cfg.width} wide but {model_dir}/config.json has "
                                  f"mm_hidden_size {hf['mm_hidden_size']}: wrong eva_vit_g.pth for this checkpoint")
         return cls(llm, vision, visual, hf).eval()
+
+
+def load_llm_and_rest(path: Path, hf: dict, dtype, device):
+    """The LLM of a checkpoint directory, loaded shard by shard, and the rest of its tensors set aside by owner:
+    side["vision"] (model.vision_tower.vision_tower.*) and side["tokens"] (model.vlm_att_*, model.mm_projector.*)."""
+    with torch.device("meta"):
+        llm = LLaMA(LLaMAConfig.from_hf(hf))
+    side = {"vision": {}, "tokens": {}}
+
+    def rename(key):
+        if key.startswith(VISION_PREFIX):
+            return ("vision", key)
+        if key.startswith(TOKEN_PREFIXES):
+            return ("tokens", key)
+        return hf_to_ours(key)
+    load_weights(llm, path, rename, dtype=dtype, device=device, side=side)
+    llm.inv_freq = llm._inv_freq(device)
+    return llm, side
 
 
 def find_vision_weights(model_dir: Path, hf: dict, vision_path=None) -> Path:

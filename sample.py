@@ -3,7 +3,6 @@
 python sample.py --model-path DIR (--image F | --video F | --features F) [--question "..."] [--subtitles F.srt]
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -110,7 +109,7 @@ def feature_cache_path(video: Path, cache_dir, digest: str) -> Path:
 
 def movie_features(model, video: Path, args):
     """(features (T, 1+N, W), frame times) of a long video, computed once and cached by content hash."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from data import content_hash, iter_video
     cache = feature_cache_path(video, args.cache_dir, content_hash(video))
     if cache.exists():

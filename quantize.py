@@ -173,6 +173,15 @@ class Int4Linear(nn.Module):
         if self.backend == "cuda":
             if not x2.is_cuda:
                 raise ValueError("these int4 weights were packed for CUDA; quantise the model on the device it runs on")
+            if x2.shape[0] > TINYGEMM_MAX_ROWS:
+                # a prefill: the kernel is built for a few rows (decoding) and runs at a few % of the tensor cores'
+                # rate on thousands; unpack the weight for this one matmul instead (a bf16 copy, freed right after)
+                unpacked = unpack_tinygemm(self.weight, self.n_pad, self.k_pad, self.inner_k_tiles)
+                if unpacked is not None:
+                    G = sz.shape[0]
+                    w = unpacked.to(torch.bfloat16).view(self.n_pad, G, self.groupsize)
+                    w.sub_(8).mul_(sz[:, :, 0].t()[..., None]).add_(sz[:, :, 1].t()[..., None])  # in place: one copy
+                    return F.linear(x2.to(torch.bfloat16), w.view(self.n_pad, self.k_pad))
             return torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.groupsize, sz)
         if self.backend == "cpu":
             if x2.is_cuda:
@@ -180,8 +189,10 @@ class Int4Linear(nn.Module):
                                  "runs on")
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(sz.dtype), self.weight, self.groupsize, sz)
         G = sz.shape[0]
-        q = unpack_int4(self.weight).to(x2.dtype).view(self.n_pad, G, self.groupsize)
-        w = (q - 8) * sz[:, :, 0].t().to(x2.dtype)[..., None] + sz[:, :, 1].t().to(x2.dtype)[..., None]
+        # under autocast the matmul runs in the autocast dtype: dequantise straight to it, not to float32 first
+        dtype = torch.get_autocast_dtype(x2.device.type) if torch.is_autocast_enabled(x2.device.type) else x2.dtype
+        q = unpack_int4(self.weight).to(dtype).view(self.n_pad, G, self.groupsize)
+        w = (q - 8) * sz[:, :, 0].t().to(dtype)[..., None] + sz[:, :, 1].t().to(dtype)[..., None]
         return F.linear(x2, w.view(self.n_pad, self.k_pad))
 
     def forward(self, x):
@@ -200,8 +211,10 @@ class Int4Linear(nn.Module):
         """The (out, in) weight the layer multiplies by (for tests and debugging; the kernels' layouts are read back
         by multiplying the identity, so this costs one K x K matmul)."""
         sz = self.scales_and_zeros
-        if self.backend == "dequant":
-            w = dequantize_int4(unpack_int4(self.weight), sz[:, :, 0].t(), sz[:, :, 1].t(), dtype)
+        q = unpack_int4(self.weight) if self.backend == "dequant" else \
+            unpack_tinygemm(self.weight, self.n_pad, self.k_pad, self.inner_k_tiles) if self.backend == "cuda" else None
+        if q is not None:
+            w = dequantize_int4(q, sz[:, :, 0].t(), sz[:, :, 1].t(), dtype)
         else:
             eye = torch.eye(self.k_pad, dtype=sz.dtype, device=sz.device)
             w = self._matmul(eye).t().to(dtype)
@@ -210,6 +223,60 @@ class Int4Linear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, groupsize={self.groupsize}, "
                 f"backend={self.backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reading torch's tiled CUDA int4 layout back (for prefill matmuls and dequantize()). The layout is the kernel's
+# own; rather than restating it, we let the packing op tell us: it moves each 4-bit value of a tile of 8 rows x
+# 16 * inner_k_tiles columns to a fixed place of that tile's output, so packing a tile whose values are the digits
+# (base 16) of their own positions reveals the permutation. It is checked on a matrix of many tiles before use.
+
+TINYGEMM_MAX_ROWS = 64  # above this many rows (prefill) the CUDA backend multiplies by the unpacked weight
+_TINYGEMM_ORDER = {}
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """int32 (..., n) -> uint8 (..., 8 n): the 4-bit fields of each word, lowest first (bytes little-endian)."""
+    b = packed.contiguous().view(torch.uint8)
+    return torch.stack([b & 15, b >> 4], dim=-1).flatten(-2)
+
+
+def _tinygemm_order(inner_k_tiles: int, device) -> torch.Tensor:
+    """For one tile: order[p] = the packed field that holds the value at row-major position p of the tile."""
+    n, k = 8, 16 * inner_k_tiles
+    pos = torch.arange(n * k, device=device).reshape(n, k)
+    src = torch.zeros(n * k, dtype=torch.long, device=device)
+    for digit in range(3):  # 8 x 128 = 1024 positions: three base-16 digits
+        plane = torch.ops.aten._convert_weight_to_int4pack(pack_int4((pos >> (4 * digit)) & 15), inner_k_tiles)
+        src += _nibbles(plane).flatten().long() << (4 * digit)
+    return torch.argsort(src)
+
+
+def unpack_tinygemm(weight: torch.Tensor, n: int, k: int, inner_k_tiles: int):
+    """The (n, k) uint8 values 0..15 held in _convert_weight_to_int4pack's layout, or None when the layout cannot
+    be read back on this torch build (then callers fall back to the kernel)."""
+    key = (str(weight.device), inner_k_tiles)
+    if key not in _TINYGEMM_ORDER:
+        _TINYGEMM_ORDER[key] = None
+        try:
+            order = _tinygemm_order(inner_k_tiles, weight.device)
+            _TINYGEMM_ORDER[key] = order
+            g = torch.Generator().manual_seed(0)
+            check = torch.randint(0, 16, (64, 32 * inner_k_tiles * 4), generator=g, dtype=torch.uint8)
+            check = check.to(weight.device)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_int4(check), inner_k_tiles)
+            if not torch.equal(unpack_tinygemm(packed, *check.shape, inner_k_tiles), check):
+                raise ValueError("the layout is not tile by tile")
+        except Exception as e:  # noqa: BLE001 - any failure: keep using the kernel for every matmul
+            _TINYGEMM_ORDER[key] = None
+            warnings.warn(f"cannot read torch's int4 layout back ({type(e).__name__}: {str(e)[:200]}); prefill "
+                          "matmuls run through the int4 kernel")
+    order = _TINYGEMM_ORDER[key]
+    if order is None:
+        return None
+    kt = 16 * inner_k_tiles
+    tiles = _nibbles(weight).view(n // 8, k // kt, 8 * kt)[..., order]
+    return tiles.view(n // 8, k // kt, 8, kt).transpose(1, 2).reshape(n, k)
 
 
 # ----------------------------------------------------------------------------------------------------------

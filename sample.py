@@ -80,25 +80,87 @@ def pick_dtype(name, device):
 
 
 @torch.no_grad()
-def extract_features(model, frames, batch_size=32):
+def extract_features(model, frames, batch_size=32, workers=8, keep_on_device=False, stats=None):
     """EVA features (T, 1+N, W) and times of a stream of (frame, seconds), batch by batch, with a progress bar:
-    an hour of 720p video never sits decoded in memory at once."""
+    an hour of 720p video never sits decoded in memory at once.
+
+    The three stages overlap: a thread pulls frames from the iterator (the video decoder), a pool of `workers`
+    threads preprocesses batches (PIL and PyAV do their work without the GIL), and this thread feeds the batches to
+    EVA in order. Features go to the CPU in float16 (to cache them), or stay on the device with keep_on_device.
+    stats, a dict, receives decode_s: the seconds spent inside the frame iterator (decoding)."""
+    import queue
+    import threading
+    import time
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
     from vision import preprocess_frames
     dev, dtype = model.llm.tok_embeddings.weight.device, model.llm.tok_embeddings.weight.dtype
-    out, times, batch = [], [], []
+    batches = queue.Queue(maxsize=2 * workers)  # bounded: decoding runs at most this far ahead of EVA
+    stop = threading.Event()  # set when this thread leaves early (an error): the decoding thread then ends too
+    decode_s = 0.0
 
-    def flush():
-        pixels = preprocess_frames(np.stack(batch), model.image_size).to(dev, dtype)
-        out.append(model.vision(pixels).to("cpu", torch.float16))
-        batch.clear()
-    for frame, t in tqdm(frames, desc="encoding frames", unit="frame", file=sys.stderr):
-        batch.append(frame)
-        times.append(t)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+    def put(x):
+        while not stop.is_set():
+            try:
+                return batches.put(x, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def decode():
+        nonlocal decode_s
+        batch, stamps = [], []
+        try:
+            it = iter(frames)
+            while True:
+                t0 = time.perf_counter()
+                item = next(it, None)
+                decode_s += time.perf_counter() - t0
+                if item is None:
+                    break
+                batch.append(item[0])
+                stamps.append(item[1])
+                if len(batch) == batch_size:
+                    put((batch, stamps))
+                    batch, stamps = [], []
+                if stop.is_set():
+                    return
+            if batch:
+                put((batch, stamps))
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consuming thread, which raises it
+            put(e)
+
+    out, times, pending = [], [], deque()
+    bar = tqdm(desc="encoding frames", unit="frame", file=sys.stderr)
+
+    def encode(job):
+        pixels, n = job[0].result(), job[1]
+        feats = model.vision(pixels.to(dev, dtype))
+        out.append(feats if keep_on_device else feats.to("cpu", torch.float16))
+        bar.update(n)
+
+    producer = threading.Thread(target=decode, daemon=True)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            producer.start()
+            while (item := batches.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                times += item[1]
+                pending.append((pool.submit(lambda b: preprocess_frames(np.stack(b), model.image_size), item[0]),
+                                len(item[0])))
+                if len(pending) > workers:
+                    encode(pending.popleft())
+            while pending:
+                encode(pending.popleft())
+    finally:
+        stop.set()
+        bar.close()
+    if stats is not None:
+        stats["decode_s"] = decode_s
+    if not out:
+        raise ValueError("the video gave no frames to encode")
     return torch.cat(out), times
 
 
@@ -284,6 +346,8 @@ def main(argv=None):
         model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
                                          dtype=dtype, device=device, load_vision=args.features is None)
         tokenizer = Tokenizer(model_path)
+    if device.type == "cuda":
+        model.llm.fuse()  # stacked q/k/v and gate/up projections: faster decoding (see LLaMA.fuse)
     if args.quantize:
         from quantize import quantize_model
         quantize_model(model.llm, args.quantize, device=device)

@@ -64,7 +64,12 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            # bias and GELU in the matmul's epilogue (cuBLASLt), saving a pass over the widest activation. That
+            # GELU is the tanh form, within 1e-3 of the exact one: below half precision's own rounding
+            h = torch._addmm_activation(self.fc1.bias, x.flatten(0, -2), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], -1))
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, as EVA's
 
 
 class Block(nn.Module):

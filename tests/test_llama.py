@@ -182,3 +182,17 @@ def test_chunked_prefill_equals_one_shot(tmp_path):
     ours.clear_cache()
     got = generate(ours, ours.tok_embeddings(prompt), 6, eos_id=None, prefill_chunk=5)[0]
     assert got.tolist() == want.tolist()
+
+
+def test_fused_projections_match_hf(tmp_path):
+    # LLaMA.fuse() stacks q/k/v and gate/up for inference; grouped-query heads make the split uneven
+    ref = hf_llama(tmp_path, kv_heads=2)
+    ours = LLaMA.from_pretrained(save_bin(ref, tmp_path / "ckpt")).fuse()
+    assert not hasattr(ours.layers[0].attention, "wq") and ours.layers[0].attention.wqkv is not None
+    tokens = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        assert_close(ours(tokens), ref(tokens).logits)
+    prompt = tokens[:1, :23]
+    want = ref.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 23:]
+    got = generate(ours, ours.tok_embeddings(prompt), 6, eos_id=None, prefill_chunk=5)[0]  # chunks after a cache
+    assert got.tolist() == want.tolist()

@@ -193,14 +193,11 @@ def to_original_keys(state, model):
     return out
 
 
-def atomic_save(write, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_dir, vocab_file, train_state,
                     lora_cfg=None):
+    """Write out_dir in the original HF layout plus train_state.pt. Every file is written into out_dir/.staging
+    first and moved into place only when all are complete: a kill while writing leaves the previous checkpoint
+    whole (train_state.pt, which a resume reads first, is moved last)."""
     from safetensors.torch import save_file
     state = full_state_dict(model, distributed)
     optim = None
@@ -213,29 +210,32 @@ def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_di
     if rank != 0:
         return
     out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     if lora_cfg is not None:  # peft's layout (adapter_config.json, adapter_model.safetensors, non_lora_trainables)
         from lora import merged_state_dict, save_adapters
-        save_adapters(model, out, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
+        save_adapters(model, staging, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
         state = merged_state_dict(model, state) if cfg["lora_save_merged"] else None
     if state is not None:
         weights = {k: v.contiguous() for k, v in to_original_keys(state, model).items()}
-        atomic_save(lambda p: save_file(weights, str(p), metadata={"format": "pt"}), out / "model.safetensors")
+        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
+            torch.save({k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))},
+                       staging / "mm_projector.bin")
     hf = dict(model.hf_config)
     hf.update(torch_dtype="float32", transformers_version="4.31.0")
-    atomic_save(lambda p: p.write_text(json.dumps(hf, indent=2)), out / "config.json")
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-        src = Path(tokenizer_dir) / name
-        if src.exists() and src.resolve() != (out / name).resolve():
-            atomic_save(lambda p: shutil.copyfile(src, p), out / name)
-    if vocab_file is not None and Path(vocab_file).resolve() != (out / "vocab.txt").resolve():
-        atomic_save(lambda p: shutil.copyfile(vocab_file, p), out / "vocab.txt")
-    if cfg["stage"] == 1 and state is not None:  # the trainable parts alone, as the original's mm_projector.bin
-        parts = {k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))}
-        atomic_save(lambda p: torch.save(parts, p), out / "mm_projector.bin")
-    train_state = dict(train_state, step=step, optimizer=optim, config={k: v for k, v in cfg.items()
-                                                                        if isinstance(v, (int, float, str, bool, type(None)))})
-    atomic_save(lambda p: torch.save(train_state, p), out / "train_state.pt")
+    (staging / "config.json").write_text(json.dumps(hf, indent=2))
+    for src in [Path(tokenizer_dir) / n for n in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")]:
+        if src.exists():
+            shutil.copyfile(src, staging / src.name)
+    if vocab_file is not None:
+        shutil.copyfile(vocab_file, staging / "vocab.txt")
+    plain = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    torch.save(dict(train_state, step=step, optimizer=optim, config=plain), staging / "train_state.pt")
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == "train_state.pt"):
+        os.replace(f, out / f.name)
+    staging.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def step_flops(model, tokens, seq_len):
     return tokens * (4 * n_all + 2 * n_train + attn)
 
 
-def main(argv):
+def main(argv, return_model=False):
     from data import LLaVADataset, Tokenizer, collate, length_grouped_order
     from model import find_bert_vocab
     cfg_ns = {k: v for k, v in globals().items() if not k.startswith("_") and
@@ -475,7 +475,7 @@ def main(argv):
         print(f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in {out}")
     if distributed:
         dist.destroy_process_group()
-    return losses
+    return (losses, model) if return_model else losses
 
 
 def run_stages(argv, cfg):

@@ -185,3 +185,73 @@ def test_lora_stage2_trains_adapters_only(fixtures, dataset, tmp_path, quant):
         more = run(stage2_args(fixtures, dataset) + ["--lora=True", "--lora_r=8", "--lora_alpha=16"], out,
                    max_steps=8, learning_rate=3e-3)
         assert len(more) == 2
+
+
+def test_overfits_a_handful_of_samples(fixtures, dataset, tmp_path):
+    """A tiny model memorises 2 samples: the loss falls by more than 90 %."""
+    samples = json.loads((dataset / "data.json").read_text())[:2]
+    (tmp_path / "two.json").write_text(json.dumps(samples))
+    losses = run(["--stage=2", f"--init_from={fixtures / 'video'}", f"--data_path={tmp_path / 'two.json'}",
+                  f"--video_folder={dataset}", "--global_batch_size=2", "--micro_batch_size=2", "--warmup_ratio=0",
+                  "--save_checkpoints=False"], tmp_path / "o", max_steps=40, learning_rate=3e-3)
+    assert losses[-1] < 0.1 * losses[0], losses
+
+
+def test_checkpoint_gives_the_in_memory_logits(fixtures, dataset, tmp_path):
+    """What train.py writes loads (as sample.py loads it) into the model that was in memory: same logits."""
+    import subprocess
+    from data import Tokenizer, tokenize_with_images
+    from vision import preprocess_images
+    from PIL import Image
+    losses, trained = train.main(stage2_args(fixtures, dataset) + [f"--out_dir={tmp_path / 'o'}", "--num_workers=0",
+                                                                   "--max_steps=2", "--learning_rate=1e-3"],
+                                 return_model=True)
+    loaded = LlamaVID.from_pretrained(tmp_path / "o")
+    tok = Tokenizer(tmp_path / "o")
+    ids = torch.tensor(tokenize_with_images("USER: <image>\nWhat is red? ASSISTANT:", tok))[None]
+    pixels = preprocess_images([Image.open(fixtures / "cases" / "image.png").convert("RGB")], loaded.image_size)
+    trained.eval()
+    with torch.no_grad():
+        a, _ = trained(ids, [pixels], [["What is red?"]])
+        b, _ = loaded(ids, [pixels], [["What is red?"]])
+    assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
+    res = subprocess.run([sys.executable, "sample.py", "--model-path", str(tmp_path / "o"), "--image",
+                          str(fixtures / "cases" / "image.png"), "--question", "What is red?", "--device", "cpu",
+                          "--temperature", "0", "--max-new-tokens", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(fixtures, dataset, tmp_path, monkeypatch):
+    import safetensors.torch
+    out = tmp_path / "o"
+    run(stage2_args(fixtures, dataset), out, max_steps=2, resume=False)
+    before = load_file(str(out / "model.safetensors"))
+    real = safetensors.torch.save_file
+
+    def dies_midway(tensors, path, metadata=None):
+        real(dict(list(tensors.items())[:3]), path, metadata=metadata)  # a partial file, then the process dies
+        raise KeyboardInterrupt("killed while writing")
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run(stage2_args(fixtures, dataset), out, max_steps=4)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    after = load_file(str(out / "model.safetensors"))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2
+    LlamaVID.from_pretrained(out)  # still a whole checkpoint
+    assert len(run(stage2_args(fixtures, dataset), out, max_steps=4)) == 2  # and it resumes from step 2
+
+
+@pytest.mark.parametrize("config", ["stage1.py", "stage1_image336.py", "stage2.py", "stage2_image336.py",
+                                    "stage3.py"])
+def test_stage_configs_run_at_tiny_size(fixtures, dataset, tmp_path, config):
+    """The recipe files run a couple of steps with the tiny fixture model in place of the 7B one."""
+    data = dataset / "data.json"
+    if config.startswith("stage1"):  # alignment data: captions
+        data = tmp_path / "captions.json"
+        data.write_text(json.dumps([{"id": k, "image": str(fixtures / "cases" / "image.png"), "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "Shapes."}]} for k in range(2)]))
+    losses = run([str(ROOT / "config" / config), f"--init_from={fixtures / 'video'}", f"--data_path={data}",
+                  f"--video_folder={dataset}", "--image_folder=", "--global_batch_size=2", "--micro_batch_size=2",
+                  "--max_len=8192", "--save_checkpoints=False"], tmp_path / "o", max_steps=2)
+    assert len(losses) == 2 and all(np.isfinite(losses))

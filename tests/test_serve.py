@@ -259,6 +259,15 @@ def test_requests_queue_and_health_stays_up(world):
             assert status == 200 and body["choices"][0]["message"]["content"] == world.answer
 
 
+def test_twenty_concurrent_streams_complete_intact(world, client):
+    """20 streaming clients at once: each gets the whole greedy answer, in order, as if it were alone."""
+    messages = [ask(video_part(data_url(world.clip, "video/mp4")), QUESTION)]
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: streamed(client, messages), range(20)))
+    for text, n, finish, usage in results:
+        assert text == world.answer and finish in ("stop", "length") and usage.completion_tokens >= 1
+
+
 def test_media_upload_previews_frames(world):
     status, body = post(world, "/v1/media", world.clip.read_bytes(), "video/mp4")
     assert status == 200 and body["kind"] == "video" and body["frames"] == FRAMES

@@ -721,67 +721,67 @@ def import_feature_pkl(pkl_path, out_path=None):
 
 # ==========================================================================================================
 # synthetic shapes dataset: the quick start's data (config/shapes.py trains on it). Short clips of coloured
-# shapes that drift about and appear, disappear or change colour, one at a time; the questions ask what
-# happens when, so a model must read the frames in order. Everything follows from the seed.
+# shapes that appear, disappear, change colour or move to another quarter of the frame, one at a time; the
+# questions ask what happens when, so a model must read the frames in order. Everything follows from the seed.
 
 SHAPES = ("square", "circle", "triangle")
 COLOURS = {"red": (225, 40, 40), "green": (40, 190, 60), "blue": (40, 90, 235), "yellow": (235, 215, 40)}
+EVENTS = ("appear", "disappear", "turn", "move")
 NUMBERS = ("none", "one", "two", "three")
-TIME_ORDER_TYPES = ("after", "before", "first")  # answerable only by comparing the frames in order
+TIME_ORDER_TYPES = ("after", "before", "order")  # answerable only by comparing the frames in order
 QUESTION_TYPES = TIME_ORDER_TYPES + ("colour", "change", "count")
-SHAPES_VERSION = 1  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
+BACKGROUND = 120  # a grey near CLIP's mean: after normalisation the background is ~0, the shapes stand out
+SHAPES_VERSION = 3  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
 
 
 def shapes_clip(rng, frames=16, size=64):
-    """A random clip description: 2-3 objects (distinct shapes and colours, each drifting inside its own
-    quarter of the frame) and 2-3 events, each on a different object, at least 3 frames apart."""
+    """A random clip description: 2-3 objects (distinct shapes and colours, each in its own quarter of the
+    frame) and one event for each, at least 3 frames apart. Objects sit at the centre of
+    their quarter: a shape drifting across the ViT's patch grid looks different to a random (untrained) EVA
+    at every offset. One that moves goes to the free quarter: a third of the way in the frame before its
+    event's, two thirds in the event's frame, there from the next one on (so any 1-in-2 sampling sees it
+    travel: a random EVA has no position embeddings, only the shape seen off the grid shows a move)."""
     if frames < 12:
         raise ValueError(f"a shapes clip needs at least 12 frames for its events, got {frames}")
     n_obj = rng.choice((2, 3, 3))
-    shapes, colours, cells = rng.sample(SHAPES, n_obj), rng.sample(list(COLOURS), n_obj), rng.sample(range(4), n_obj)
-    r = 0.135 * size  # half the object's extent: ~17 px objects in 64 px frames
-    objects = []
-    for k in range(n_obj):
-        x0, y0 = (cells[k] % 2) * size / 2, (cells[k] // 2) * size / 2
-        lo, hi = r + 1, size / 2 - r - 1  # the object stays inside its quarter: objects never overlap
-        objects.append({"shape": shapes[k], "colour": colours[k], "x0": x0, "y0": y0, "lo": lo, "hi": hi,
-                        "x": rng.uniform(lo, hi), "y": rng.uniform(lo, hi),
-                        "vx": rng.uniform(-0.6, 0.6), "vy": rng.uniform(-0.6, 0.6)})
-    n_events = 2 if n_obj == 2 else rng.choice((2, 3))
+    shapes, colours, cells = rng.sample(SHAPES, n_obj), rng.sample(list(COLOURS), n_obj), rng.sample(range(4), 4)
+    objects = [{"shape": shapes[k], "colour": colours[k], "cell": cells[k]} for k in range(n_obj)]
+    n_events = n_obj
     while True:  # event frames: two quiet frames at each end, events 3+ frames apart
         times = sorted(rng.sample(range(2, frames - 2), n_events))
         if all(b - a >= 3 for a, b in zip(times, times[1:])):
             break
-    events = []
+    events, moved = [], False
     for t, k in zip(times, rng.sample(range(n_obj), n_events)):
-        kind = rng.choice(("appear", "disappear", "turn"))
+        kind = rng.choice(EVENTS if not moved else EVENTS[:3])  # one move a clip: there is one free quarter
         event = {"frame": t, "object": k, "kind": kind}
         if kind == "turn":
             event["to"] = rng.choice([c for c in COLOURS if c != objects[k]["colour"]])
+        elif kind == "move":
+            event["to"], moved = cells[n_obj], True
         events.append(event)
-    return {"frames": frames, "size": size, "background": rng.randint(15, 70), "r": r, "objects": objects,
+    return {"frames": frames, "size": size, "background": BACKGROUND, "r": 0.17 * size, "objects": objects,
             "events": events}
 
 
 def _object_state(clip, k, t):
-    """(present, colour) of object k in frame t."""
-    colour, present = clip["objects"][k]["colour"], True
+    """(present, colour, (x, y) centre in pixels) of object k in frame t."""
+    o = clip["objects"][k]
+    colour, present, cell, half = o["colour"], True, o["cell"], clip["size"] / 4
+    centre = lambda c: ((c % 2) * 2 * half + half, (c // 2) * 2 * half + half)  # noqa: E731
+    x, y = centre(cell)
     for e in clip["events"]:
         if e["object"] == k:
             if e["kind"] == "appear":
                 present = t >= e["frame"]
             elif e["kind"] == "disappear":
                 present = t < e["frame"]
-            elif t >= e["frame"]:
+            elif e["kind"] == "turn" and t >= e["frame"]:
                 colour = e["to"]
-    return present, colour
-
-
-def _bounce(p, lo, hi):
-    """p folded into [lo, hi] as a ball bouncing between two walls."""
-    span = hi - lo
-    q = (p - lo) % (2 * span)
-    return lo + (q if q <= span else 2 * span - q)
+            elif e["kind"] == "move" and t >= e["frame"] - 1:
+                (x1, y1), w = centre(e["to"]), min(1.0, (t - e["frame"] + 2) / 3)
+                x, y = x + w * (x1 - x), y + w * (y1 - y)
+    return present, colour, (x, y)
 
 
 def render_shapes_clip(clip):
@@ -791,11 +791,10 @@ def render_shapes_clip(clip):
     video = np.full((T, S, S, 3), clip["background"], np.uint8)
     for k, o in enumerate(clip["objects"]):
         for t in range(T):
-            present, colour = _object_state(clip, k, t)
+            present, colour, (x, y) = _object_state(clip, k, t)
             if not present:
                 continue
-            dx = xx - (o["x0"] + _bounce(o["x"] + o["vx"] * t, o["lo"], o["hi"]))
-            dy = yy - (o["y0"] + _bounce(o["y"] + o["vy"] * t, o["lo"], o["hi"]))
+            dx, dy = xx - x, yy - y
             if o["shape"] == "square":
                 mask = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
             elif o["shape"] == "circle":
@@ -806,34 +805,40 @@ def render_shapes_clip(clip):
     return video
 
 
-def _event_text(clip, e):
+def _event_text(clip, e, base_form=False):
     o = clip["objects"][e["object"]]
     name = f"the {o['colour']} {o['shape']}"  # each object has one event at most: its colour before it
-    return {"appear": f"{name} appears", "disappear": f"{name} disappears"}.get(e["kind"], f"{name} turns {e.get('to')}")
+    verb = {"appear": "appear", "disappear": "disappear", "move": "move"}.get(e["kind"], f"turn {e.get('to')}")
+    return f"{name} {verb}" if base_form else f"{name} {verb.replace(' ', 's ', 1) if ' ' in verb else verb + 's'}"
 
 
 def shapes_caption(clip):
     """What the clip shows, in order: the stage-1 caption."""
     start = [f"a {c} {o['shape']}" for k, o in enumerate(clip["objects"])
-             for present, c in [_object_state(clip, k, 0)] if present]
+             for present, c, _ in [_object_state(clip, k, 0)] if present]
     start = " and ".join([", ".join(start[:-1]), start[-1]] if len(start) > 1 else start) or "an empty frame"
     return f"{start}. " + ", then ".join(_event_text(clip, e) for e in clip["events"]) + "."
 
 
 def shapes_question(clip, kind, rng):
-    """(question, answer) of one question type about a clip (see QUESTION_TYPES)."""
+    """(question, answer) of one question type about a clip (see QUESTION_TYPES, and "describe"); None when
+    the clip cannot pose it (after / before need three events)."""
     events, T = clip["events"], clip["frames"]
     text = [_event_text(clip, e) for e in events]
+    if kind == "describe":  # (training only) every event in order, as the caption tells them
+        return rng.choice(("Describe what happens.", "What happens in the video?")), shapes_caption(clip)
+    if kind in ("after", "before") and len(events) < 3:
+        return None  # with two events "after X" is "the other one": no need to know the order
     if kind == "after":  # the event right after a given one
         i = rng.randrange(len(events) - 1)
         return f"What happens after {text[i]}?", text[i + 1]
     if kind == "before":
         i = rng.randrange(1, len(events))
         return f"What happens before {text[i]}?", text[i - 1]
-    if kind == "first":  # two events in random order
-        i, j = sorted(rng.sample(range(len(events)), 2))
-        a, b = (i, j) if rng.random() < 0.5 else (j, i)
-        return f"Which happens first: {text[a]} or {text[b]}?", text[i]
+    if kind == "order":  # two events, asked in either order: yes or no
+        a, b = rng.sample(range(len(events)), 2)
+        first = _event_text(clip, events[a], base_form=True)
+        return f"Does {first} before {text[b]}?", "yes" if events[a]["frame"] < events[b]["frame"] else "no"
     k = rng.randrange(len(clip["objects"]))
     shape = clip["objects"][k]["shape"]
     if kind == "colour":
@@ -842,8 +847,8 @@ def shapes_question(clip, kind, rng):
         return f"What colour is the {shape} at the {when}?", _object_state(clip, k, 0 if when == "start" else T - 1)[1]
     if kind == "change":
         e = next((e for e in events if e["object"] == k), None)
-        answer = "nothing" if e is None else {"appear": "it appears", "disappear": "it disappears"}.get(
-            e["kind"], f"it turns {e.get('to')}")
+        answer = "nothing" if e is None else {"appear": "it appears", "disappear": "it disappears",
+                                              "move": "it moves"}.get(e["kind"], f"it turns {e.get('to')}")
         return f"What happens to the {shape}?", answer
     if kind == "count":
         when = rng.choice(("start", "end"))
@@ -858,10 +863,13 @@ def write_shapes_clip(path, seed, frames=16, size=64, fps=2):
     rng = random.Random(f"shapes-clip-{seed}")
     clip = shapes_clip(rng, frames, size)
     write_video(path, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
-    return clip, {kind: shapes_question(clip, kind, rng) for kind in QUESTION_TYPES}
+    questions = {kind: shapes_question(clip, kind, rng) for kind in QUESTION_TYPES}
+    return clip, {kind: qa for kind, qa in questions.items() if qa is not None}
 
 
-TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "first": 2, "colour": 1, "change": 1, "count": 1}
+# training question mix: the time-order types weighted up, plus "describe" (answer: the caption, every event
+# in order), which gives the from-scratch LLM many supervised tokens on reading the frames in order
+TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "order": 2, "colour": 1, "change": 1, "count": 1, "describe": 2}
 
 
 def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2, vocab_size=512,
@@ -890,12 +898,16 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
     for split, n in (("train", n_train), ("val", n_val)):
         for i in range(n):
             rng = random.Random(f"shapes-{seed}-{split}-{i}")  # a clip does not depend on n_train / n_val
-            clip = shapes_clip(rng, frames, size)
+            kind = QUESTION_TYPES[i % len(QUESTION_TYPES)] if split == "val" else None
+            while True:  # (a val clip is drawn again until it can pose its question type)
+                clip = shapes_clip(rng, frames, size)
+                qa = shapes_question(clip, kind, rng) if kind else ()
+                if qa is not None:
+                    break
             video = f"videos/{split}_{i:05d}.mp4"
             write_video(out / video, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
             if split == "val":
-                kind = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-                q, a = shapes_question(clip, kind, rng)
+                q, a = qa
                 val.append({"id": f"val_{i:05d}", "video": video, "type": kind, "conversations": [
                     {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
                 continue
@@ -908,9 +920,10 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                 conv, types = [], []
                 while len(types) < turns:  # weighted draws, no type twice in a conversation
                     kind = rng.choices(kinds, weights)[0]
-                    if kind in types:
+                    qa = None if kind in types else shapes_question(clip, kind, rng)
+                    if qa is None:
                         continue
-                    q, a = shapes_question(clip, kind, rng)
+                    q, a = qa
                     conv += [{"from": "human", "value": (f"<image>\n{q}" if not conv else q)},
                              {"from": "gpt", "value": a}]
                     types.append(kind)
@@ -929,8 +942,10 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
 def _write_shapes_tokenizer(out, text, vocab_size):
     """A LLaMA-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no
     normalisation) trained on the captions and the conversations as the chat template writes them."""
+    import io
+    model = io.BytesIO()  # (a model_prefix would be stored in the file: the same data would differ by folder)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=str(out / "tokenizer"), model_type="bpe",
+        sentence_iterator=iter(text), model_writer=model, model_type="bpe",
         # a later turn starts "</s>USER:", where the legacy=False rule looks up "USER" without its "▁" (as
         # Vicuna's vocabulary has it): both must be pieces, or that turn's labels are all masked
         user_defined_symbols=["\u2581USER", "USER"],
@@ -938,7 +953,7 @@ def _write_shapes_tokenizer(out, text, vocab_size):
         normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
-    (out / "tokenizer.vocab").unlink(missing_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
         "clean_up_tokenization_spaces": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

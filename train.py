@@ -117,6 +117,9 @@ def build_model(cfg, device, vocab=None):
         if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs, benchmarks)
             with torch.device(device):  # initialised where it will run: a 7B model is never built on the CPU
                 llm = LLaMA(LLaMAConfig(**(cfg["llm_config"] or {})))
+                # token embeddings ~ N(0, 0.02) as HF initialises a LLaMA (initializer_range); torch's N(0, 1)
+                # makes text tokens ~50x the size of what the fresh projectors emit, and the video gets ignored
+                torch.nn.init.normal_(llm.tok_embeddings.weight, std=0.02)
                 vision = EVAViT(EVAConfig(**(cfg["vision_config"] or {}))).requires_grad_(False)
                 llm.inv_freq = llm._inv_freq(device)
             hf = {"vocab_size": llm.cfg.vocab_size, "hidden_size": llm.cfg.dim,

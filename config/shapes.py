@@ -11,9 +11,9 @@ shapes_dataset = dict(out_dir=data_dir, n_train=2000, n_val=300, seed=0, frames=
 stages = (1, 2)
 stage_overrides = {
     1: dict(template="plain_guided", data_path=f"{data_dir}/captions.json", init_from="scratch",
-            out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=60),
+            out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=30),
     2: dict(template="imgsp_v1", data_path=f"{data_dir}/train.json", init_from="out/shapes_stage1",
-            out_dir="out/shapes", learning_rate=2e-3, max_steps=600),
+            out_dir="out/shapes", learning_rate=2e-3, max_steps=1600),
 }
 video_folder = data_dir
 tokenizer_dir = data_dir            # tokenizer.model for the scratch model (then copied into each checkpoint)
@@ -21,17 +21,17 @@ bert_path = f"{data_dir}/bert"      # the Q-Former's WordPiece vocab.txt; its co
 video_fps = 1                       # 8 frames of each 16-frame, 2 fps clip (sample.py / eval.py default)
 image_size = 56                     # = vision_config's img_size: 4 x 4 patches a frame
 
-# a random model: LLaMA 128 wide, 3 layers; EVA 88 wide (one 88-wide head, as EVA-g's), 2 blocks;
+# a random model: LLaMA 128 wide, 4 layers; EVA 88 wide (one 88-wide head, as EVA-g's), 2 blocks;
 # Q-Former 64 wide, 2 layers, 8 queries. The EVA stays frozen at its random init in both stages.
-llm_config = dict(vocab_size=512, dim=128, n_layers=3, n_heads=4, n_kv_heads=4, hidden_dim=344, max_seq_len=512)
+llm_config = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=344, max_seq_len=512)
 vision_config = dict(img_size=56, patch_size=14, width=88, depth=2, heads=1, mlp_hidden=352)
 token_config = dict(qformer=dict(hidden_size=64, num_layers=2, intermediate_size=128, num_query=8,
                                  max_position=128))
 compress_type = "mean"              # one content token a frame: the mean of its patches
 max_len = 512
 
-global_batch_size = 16
-micro_batch_size = 16
+global_batch_size = 8
+micro_batch_size = 8
 warmup_ratio = 0.05
 min_lr = 1e-4
 weight_decay = 0.0

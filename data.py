@@ -877,7 +877,7 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
     """Write the synthetic shapes dataset to out_dir; nothing is done when out_dir already holds this one.
 
     videos/{train,val}_NNNNN.mp4; train.json (LLaVA format, `samples_per_clip` question samples a clip, a
-    `multi_turn` share of them with 2-3 turns, time-order questions weighted up); captions.json (one stage-1
+    `multi_turn` share of them with 2-3 turns; TRAIN_TYPE_WEIGHTS mixes the types); captions.json (one stage-1
     caption a train clip, plain_guided form: human "<image>", gpt caption); val.json (one question a val clip,
     types in turn, each item with its "type"); tokenizer.model + tokenizer_config.json (a LLaMA-style
     SentencePiece BPE with byte fallback, trained on the train text); bert/vocab.txt + bert/config.json (the

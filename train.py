@@ -484,11 +484,15 @@ def main(argv, return_model=False):
 def run_stages(argv, cfg):
     """`stages = (1, 2)`: train the stages one after the other in this process, each a main() of its own whose
     settings are the config file(s), then stage_overrides[stage], then the command line's --key=value."""
+    overrides = cfg["stage_overrides"]
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ValueError(f"stage_overrides must be a dict {{stage: {{key: value}}}} (a Python literal on the command "
+                         f"line), got {overrides!r}")
     files = [a for a in argv if not a.startswith("--")]
     flags = [a for a in argv if a.startswith("--")]
     losses = []
     for s in cfg["stages"]:
-        extra = [f"--{k}={v!r}" for k, v in cfg["stage_overrides"].get(s, {}).items()]
+        extra = [f"--{k}={v!r}" for k, v in overrides.get(s, {}).items()]
         losses.append(main(files + [f"--stage={s}"] + extra + flags + ["--stages=()"]))
     return losses
 

@@ -110,7 +110,7 @@ def set_trainable(model, stage):
 
 def build_model(cfg, device, vocab=None):
     """The model a stage starts from, with float32 master weights."""
-    from model import LLaMA, LlamaVID, LLaMAConfig, find_bert_vocab, read_config
+    from model import LLaMA, LlamaVID, LLaMAConfig, read_config
     from tokens import QFormerConfig, TokenConfig, VisualTokenizer, WordPiece, bert_num_heads
     from vision import EVAConfig, EVAViT
     if cfg["init_from"] == "scratch" or (cfg["stage"] == 1 and not cfg["init_from"]):

@@ -42,15 +42,20 @@ def parse_args(argv=None):
     p.add_argument("--model-base", type=Path, default=None,
                    help="the checkpoint a LoRA run trained on (default: --model-path)")
     args = p.parse_args(argv)
+    check_common_args(p, args)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    return args
+
+
+def check_common_args(p, args):
+    """The checks of the options sample.py and serve.py share."""
     if not args.fps > 0:
         p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
     if args.max_frames is not None and args.max_frames < 1:
         p.error(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
-    return args
 
 
 def pick_device(name):
@@ -318,9 +323,9 @@ def check_media(args):
         load_subtitles(args.subtitles)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    check_media(args)
+def load_model(args, load_vision=True):
+    """(model, tokenizer, checkpoint path) as the command line asks: --model-path (or the tiny model in
+    out/shapes), a LoRA run merged on load, fused projections on CUDA, --quantize. serve.py loads through it too."""
     from data import Tokenizer
     from model import LlamaVID
     model_path = args.model_path
@@ -331,27 +336,33 @@ def main(argv=None):
         model_path = DEFAULT_MODEL
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    torch.manual_seed(args.seed)
-    long_video = args.movie or args.features is not None
-    lora_dir = args.lora
+    lora_dir, model_base = getattr(args, "lora", None), getattr(args, "model_base", None)
     if lora_dir is None and (model_path / "adapter_config.json").exists():  # the original's convention
-        lora_dir, model_path = model_path, args.model_base or model_path
+        lora_dir, model_path = model_path, model_base or model_path
     if lora_dir is not None:
         from lora import load_lora_model
-        base = args.model_base or model_path
+        base = model_base or model_path
         model = load_lora_model(lora_dir, base, vision_path=args.vision_path, bert_path=args.bert_path,
-                                dtype=dtype, device=device, load_vision=args.features is None)
+                                dtype=dtype, device=device, load_vision=load_vision)
         tokenizer = Tokenizer(lora_dir if (lora_dir / "tokenizer.model").exists() else base)
     else:
         model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                         dtype=dtype, device=device, load_vision=args.features is None)
+                                         dtype=dtype, device=device, load_vision=load_vision)
         tokenizer = Tokenizer(model_path)
     if device.type == "cuda":
         model.llm.fuse()  # stacked q/k/v and gate/up projections: faster decoding (see LLaMA.fuse)
     if args.quantize:
         from quantize import quantize_model
         quantize_model(model.llm, args.quantize, device=device)
-    movie = model.is_long_video or long_video
+    return model, tokenizer, model_path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_media(args)
+    torch.manual_seed(args.seed)
+    model, tokenizer, _ = load_model(args, load_vision=args.features is None)
+    movie = model.is_long_video or args.movie or args.features is not None
     if args.subtitles is not None and not (movie and (args.video or args.features)):
         raise ValueError("--subtitles go with a long video: give --video with a long-video checkpoint (or --movie), "
                          "or --features")

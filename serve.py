@@ -61,14 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--cache-mb", type=float, default=4096,
                    help="memory for the EVA features of recent images / videos (least recently used go first)")
     args = p.parse_args(argv)
-    if not args.fps > 0:
-        p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
-    if args.max_frames is not None and args.max_frames < 1:
-        p.error(f"--max-frames must be at least 1, got {args.max_frames}")
+    sample.check_common_args(p, args)
     if not args.max_upload_mb > 0:
         p.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.media_dir is not None and not args.media_dir.is_dir():
         p.error(f"--media-dir {args.media_dir} is not a directory")
     return args
@@ -778,22 +773,7 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
 
 def main(argv=None):
     args = parse_args(argv)
-    from data import Tokenizer
-    from model import LlamaVID
-    model_path = args.model_path
-    if model_path is None:
-        if not (sample.DEFAULT_MODEL / "config.json").exists():
-            raise ValueError("no --model-path given and no trained tiny model in out/shapes "
-                             "(train one with: python train.py config/shapes.py)")
-        model_path = sample.DEFAULT_MODEL
-    device = sample.pick_device(args.device)
-    dtype = sample.pick_dtype(args.dtype, device)
-    model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                     dtype=dtype, device=device)
-    if args.quantize:
-        from quantize import quantize_model
-        quantize_model(model.llm, args.quantize, device=device)
-    tokenizer = Tokenizer(model_path)
+    model, tokenizer, model_path = sample.load_model(args)
     engine = Engine(model, tokenizer, args)
     movie = model.is_long_video
     cfg = {"model_name": args.model_name or Path(model_path).resolve().name,

@@ -31,3 +31,21 @@ def load_case(fixtures: Path, name: str):
 def case_names(fixtures: Path):
     import json
     return [c for c in json.loads((fixtures / "MANIFEST.json").read_text())["cases"] if c != "text"]
+
+
+def cut_after_index(src, tmp_path, keep=8):
+    """A copy of the mp4 src with its index (moov) first, cut `keep` bytes into the frame data (mdat): the file
+    opens and lists its video stream, but its frames do not decode. Returns the path of the cut file."""
+    import av
+    fast, cut = tmp_path / "fast.mp4", tmp_path / "cut.mp4"
+    with av.open(str(src)) as inp, av.open(str(fast), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.size:
+                packet.stream = stream
+                out.mux(packet)
+    data = fast.read_bytes()
+    mdat = data.index(b"mdat")
+    assert data.index(b"moov") < mdat
+    cut.write_bytes(data[:mdat + keep])
+    return cut

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cut_after_index
+
 import data
 from data import (build_prompt, content_hash, iter_video, load_image, load_subtitles, load_video, movie_message,
                   movie_prompt, movie_video_input, write_video)
@@ -226,17 +228,7 @@ def test_truncated_video_has_no_decodable_frame(tmp_path, cut):
     # video stream, but no frame decodes
     noise = np.random.default_rng(0).integers(0, 20, (10, 64, 64, 3), dtype=np.uint8)
     write_video(tmp_path / "full.mp4", clip(10, 64, 64) + noise, 10)
-    with av.open(str(tmp_path / "full.mp4")) as src, \
-            av.open(str(tmp_path / "fast.mp4"), "w", options={"movflags": "faststart"}) as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.size:
-                packet.stream = stream
-                dst.mux(packet)
-    data = (tmp_path / "fast.mp4").read_bytes()
-    mdat = data.index(b"mdat")
-    assert data.index(b"moov") < mdat
-    (tmp_path / "cut.mp4").write_bytes(data[:mdat + cut])
+    cut_after_index(tmp_path / "full.mp4", tmp_path, cut)
     with av.open(str(tmp_path / "cut.mp4")) as container:
         assert len(container.streams.video) == 1
     with pytest.raises(ValueError, match="no decodable frame in .*cut.mp4"):

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import cut_after_index
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -246,15 +248,7 @@ def test_bad_media(fixtures, media, tmp_path):
             container.mux(stream.encode(frame))
         container.mux(stream.encode())
     # a video stream whose data is cut off: index (moov) first, then the file ends where the frames begin
-    with av.open(str(media / "clip.mp4")) as src, \
-            av.open(str(tmp_path / "fast.mp4"), "w", options={"movflags": "faststart"}) as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.size:
-                packet.stream = stream
-                dst.mux(packet)
-    data = (tmp_path / "fast.mp4").read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(data[:data.index(b"mdat") + 8])
+    cut_after_index(media / "clip.mp4", tmp_path, 8)
 
     cases = [("--video", tmp_path / "missing.mp4", "missing.mp4"),
              ("--video", tmp_path / "x.mp4", "x.mp4"),

@@ -4,6 +4,7 @@ import argparse
 import copy
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
@@ -376,10 +377,10 @@ def movie_run(section, llm, label, compile, decode_tokens):
         need(emb, "the Q-Former run")
         llm.clear_cache()
         llm.setup_cache(1, cache_len(S["movie_len"] + decode_tokens), dtype=torch.bfloat16, device=ARGS.device)
-        run = partial(generate, llm, emb, eos_id=None)
-        run(max_new_tokens=1)  # warm-up (chunked prefill: a causal chunk, then a masked one)
+        run = partial(generate, llm, emb, eos_id=None, compile=compile)  # (1 token: only the prefill compiles)
+        run(max_new_tokens=1)  # warm-up (and compile)
         m.value = t_p = timeit(lambda: run(max_new_tokens=1), max(1, S["reps"] - 1))
-        m.note = f"{S['movie_len'] / t_p:,.0f} prompt tok/s"
+        m.note = f"{S['movie_len'] / t_p:,.0f} prompt tok/s" + (", layers through compiled_block()" if compile else "")
     with measure(section, f"{label}: time to first token, total (Q-Former + prefill + first token)", "s") as m:
         m.value = need(t_q, "the Q-Former run") + need(t_p, "the prefill run")
         m.note = f"Q-Former share {100 * t_q / (t_q + t_p):.0f} %"
@@ -423,14 +424,15 @@ def section_3():
         ids = torch.randint(0, llm.cfg.vocab_size, (1, T), device=ARGS.device)
         emb = llm.tok_embeddings(ids)
         del ids
-        warm = emb[:, :min(T, 8192 + 512)]  # warm-up: one full chunk and a masked one
+        chunk = inspect.signature(generate).parameters["prefill_chunk"].default
+        warm = emb[:, :min(T, chunk + 512)]  # warm-up: one full chunk and a masked one
         llm.setup_cache(1, cache_len(warm.shape[1] + 1), dtype=torch.bfloat16, device=ARGS.device)
         generate(llm, warm, 1, eos_id=None)
         llm.clear_cache()
         cleanup()
         reset_peak()
         m.value = t = timeit(lambda: generate(llm, emb, 1, eos_id=None), 1)
-        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of 8,192 tokens (causal, bottom-right aligned, flash); KV cache "
+        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of {chunk:,} tokens (causal, bottom-right aligned, flash); KV cache "
                   f"{cache_len(T + 1):,} slots")
     with measure(3, f"peak GPU memory, {T:,}-token prefill", "GiB") as m:
         m.value = peak_gib()
@@ -742,12 +744,15 @@ def section_7():
     for attempt in range(2):
         with measure(7, f"stage 2 step: all weights trained, {depth} of {cfg.n_layers} Vicuna-7B layers, "
                         f"{accum} micro-batches of {B} x {T:,} tokens, fp32 master + bf16 autocast, fused AdamW, "
-                        "no grad. checkpointing", "tok/s") as m:
+                        "no grad. checkpointing" + (", blocks compiled" if ARGS.compile else ""), "tok/s") as m:
             oom = False
             try:
                 llm = build(LLaMA, dataclasses.replace(cfg, n_layers=depth), dtype=torch.float32)
                 llm.requires_grad_(True).train()
                 llm.gradient_checkpointing = False
+                if ARGS.compile:  # train.py's compile=True: each block compiled (one graph for all)
+                    for block in llm.layers:
+                        block.compile()
                 proj = _projector("mlp2x_gelu", W, cfg.dim).to(device=ARGS.device)
                 params = list(llm.parameters()) + list(proj.parameters())
                 opt = torch.optim.AdamW(params, lr=2e-5, fused=is_cuda())

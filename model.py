@@ -107,6 +107,11 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False):
     """The one attention function: (B, H, Tq, D) x (B, H, Tk, D) -> (B, H, Tq, D).
     mask is boolean (True = may attend), broadcastable to (B, H, Tq, Tk)."""
+    if q.shape[2] == 1 and mask is not None and k.shape[2] <= 4096:
+        # one query over a short cache (a decode step): plain ops, which the compiled step fuses with their
+        # neighbours, where an attention kernel launch a layer costs more than its work (long caches keep SDPA)
+        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
     if flash_attn_func is not None and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         # flash-attn aligns a causal mask to the bottom right, which is what a chunk after a cache needs
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
@@ -129,8 +134,14 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
+        """input_pos: the slots, a tensor (decoding), or a slice for a prefill chunk of consecutive slots: a plain
+        copy, several times faster than index_copy_ at thousands of tokens."""
+        if isinstance(input_pos, slice):
+            self.k[:, :, input_pos] = k
+            self.v[:, :, input_pos] = v
+        else:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
@@ -208,6 +219,7 @@ class LLaMA(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
         self.gradient_checkpointing = False
+        self.quantized: Optional[str] = None  # "int8" / "int4" once quantize.quantize_model has swapped the Linears
 
     def _inv_freq(self, device=None):
         d = self.cfg.head_dim
@@ -246,13 +258,14 @@ class LLaMA(nn.Module):
         return self
 
     def forward(self, tokens=None, embeds=None, attention_mask=None, positions=None, input_pos=None,
-                logits_from: int = 0):
+                logits_from: int = 0, compile_blocks: bool = False):
         """Logits for tokens (B, T) or input embeddings (B, T, dim).
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding, over all keys (S = T without a cache,
             the cache length with one). positions: (B, T) RoPE positions, default input_pos or 0..T-1.
         input_pos: (T,) cache slots to write this chunk to; enables the KV cache set up by setup_cache.
         logits_from: compute logits only for positions >= this (prefill needs only the last one).
+        compile_blocks: run the layers through compiled_block() (prefill with generate(compile=True)).
         """
         x = self.tok_embeddings(tokens) if embeds is None else embeds
         B, T, _ = x.shape
@@ -286,11 +299,15 @@ class LLaMA(nn.Module):
             mask = mask[None, None]
         kv_len = kv_len if cached else None
         input_pos = input_pos if cached else None
+        if cached and T > 1 and chunk and not compile_blocks:  # (compiled, a slice would be a constant: recompiles)
+            input_pos = slice(first, last + 1)  # the cache write of a prefill chunk is a plain copy
 
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, input_pos, kv_len,
                                                       use_reentrant=False)
+            elif compile_blocks:
+                x = compiled_block()(layer, x, cos, sin, mask, input_pos, kv_len)
             else:
                 x = layer(x, cos, sin, mask, input_pos, kv_len)
         x = self.norm(x[:, logits_from:])
@@ -476,30 +493,45 @@ def decode_step(model: LLaMA, tok, input_pos, positions, attention_mask):
     return model(tokens=tok[:, None], attention_mask=attention_mask, positions=positions, input_pos=input_pos)[:, -1]
 
 
-_compiled_decode_step = None
+_compiled_decode_steps = {}
+_compiled_block = None
 
 
-def compiled_decode_step():
+def compiled_block():
+    """Block.forward through torch.compile with dynamic shapes, for prefill: one graph serves every layer and every
+    prompt length, with the norms, RoPE and SwiGLU fused around the matmuls (cuBLAS and flash attention stay)."""
+    global _compiled_block
+    if _compiled_block is None:
+        _compiled_block = torch.compile(Block.forward, dynamic=True)
+    return _compiled_block
+
+
+def compiled_decode_step(autotune: bool = True):
     """decode_step through torch.compile, with gpt-fast's settings: CUDA graphs (mode reduce-overhead: no launch
-    overhead), and coordinate-descent tuning, with which inductor also turns a one-row matmul into a fused reduction:
-    int8 weights are then cast in registers instead of being written out as a bf16 copy every step."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        _compiled_decode_step = torch.compile(decode_step, fullgraph=True, options={
-            "triton.cudagraphs": True, "coordinate_descent_tuning": True, "triton.unique_kernel_names": True})
-    return _compiled_decode_step
+    overhead) and coordinate-descent tuning, with which inductor also turns a one-row matmul into a fused reduction:
+    int8 weights are then cast in registers instead of being written out as a bf16 copy every step. autotune adds
+    inductor's autotuned matmul templates: ~7 % faster bf16 decoding on an H100, but slower int8 (quantised models
+    compile without)."""
+    if autotune not in _compiled_decode_steps:
+        _compiled_decode_steps[autotune] = torch.compile(decode_step, fullgraph=True, options={
+            "triton.cudagraphs": True, "coordinate_descent_tuning": True, "triton.unique_kernel_names": True,
+            "max_autotune_gemm": autotune})
+    return _compiled_decode_steps[autotune]
 
 
 @torch.no_grad()
 def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature=0.0,
              top_p=1.0, eos_id: Optional[int] = 2, callback: Optional[Callable] = None, generator=None,
-             compile: bool = False, prefill_chunk: int = 8192):
+             compile: bool = False, prefill_chunk: int = 16384):
     """Continue prompts given as embeddings (B, T, dim); rows of a batch are left-padded (attention_mask 0).
 
     Returns (B, n) new token ids; a row that hit EOS is padded with EOS. callback(tokens (B,)) is called for
-    every step, for streaming; returning True stops generation. compile=True runs the decode step through torch.compile with CUDA graphs.
+    every step, for streaming; returning True stops generation. compile=True runs the decode step through torch.compile
+    with CUDA graphs, and the prefill of an unquantised model through compiled_block() (a quantised one's prefill,
+    compute bound, runs its matmuls eagerly: compiled with dynamic shapes they were far slower).
     The prompt is prefilled in chunks of prefill_chunk tokens, so activations stay bounded for long prompts.
     """
+    embeds = embeds.detach()  # (a prompt embedded with grad enabled would give compiled code a second graph)
     B, T, _ = embeds.shape
     dev = embeds.device
     total = T + max_new_tokens
@@ -520,8 +552,8 @@ def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_
         input_pos = torch.arange(start, min(T, start + prefill_chunk), device=dev)
         logits = model(embeds=embeds[:, start:start + prefill_chunk], attention_mask=key_mask,
                        positions=(input_pos[None] - pad).clamp(min=0), input_pos=input_pos,
-                       logits_from=len(input_pos) - 1)[:, -1]
-    step = compiled_decode_step() if compile else decode_step
+                       logits_from=len(input_pos) - 1, compile_blocks=compile and not model.quantized)[:, -1]
+    step = compiled_decode_step(autotune=not model.quantized) if compile else decode_step
     # Nothing in the loop waits for the GPU unless it must: the slot position lives on the device and advances in
     # place (a new host tensor each step would be a copy that waits for the queued work), and `done` is read
     # every 8 steps when no callback reads the tokens anyway. The host thus queues steps ahead of the GPU.

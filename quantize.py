@@ -352,4 +352,5 @@ def quantize_model(llm: nn.Module, mode: str = "int8", groupsize: int = 128, inc
     head = None
     for parent, name in targets:
         setattr(parent, name, quantize_linear(getattr(parent, name), mode, groupsize, backend, device))
+    llm.quantized = mode  # generate() compiles a quantised model's steps differently
     return llm

@@ -60,6 +60,7 @@ grad_clip = 1.0
 dropout = 0.1                # the Q-Former's (BERT's) dropout, active while it is in train mode as in the original
 dtype = "bfloat16"           # compute dtype; master weights, optimizer state and reductions stay float32
 gradient_checkpointing = True
+compile = False              # torch.compile each LLM block (one graph shared by all): fused norms, rope, activations
 group_by_length = True
 seed = 42
 num_workers = 2
@@ -339,6 +340,9 @@ def main(argv, return_model=False):
             quantize_base(model, cfg["lora_base_quant"])
         model.to(dev)
     model.llm.gradient_checkpointing = cfg["gradient_checkpointing"]
+    if cfg["compile"]:
+        for block in model.llm.layers:  # regional compilation: compiled once, reused by every layer
+            block.compile()
     model.visual.set_dropout(cfg["dropout"])
 
     if distributed:

@@ -196,3 +196,22 @@ def test_fused_projections_match_hf(tmp_path):
     want = ref.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 23:]
     got = generate(ours, ours.tok_embeddings(prompt), 6, eos_id=None, prefill_chunk=5)[0]  # chunks after a cache
     assert got.tolist() == want.tolist()
+
+
+def test_compiled_prefill_matches_hf(tmp_path):
+    # generate(compile=True) prefills through compiled_block() (dynamic shapes: every layer and prompt length),
+    # writing the KV cache that the compiled decode steps then read
+    ref = hf_llama(tmp_path, kv_heads=2)
+    ours = LLaMA.from_pretrained(save_bin(ref, tmp_path / "ckpt")).fuse()
+    for length in (23, 31):
+        tokens = torch.randint(3, 97, (1, length))
+        with torch.no_grad():
+            want = ref(tokens).logits[:, -1]
+            ours.setup_cache(1, 64)
+            got = ours(embeds=ours.tok_embeddings(tokens), input_pos=torch.arange(length), logits_from=length - 1,
+                       compile_blocks=True)[:, -1]
+        assert_close(got, want)
+        want_ids = ref.generate(tokens, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ours.clear_cache()
+        got_ids = generate(ours, ours.tok_embeddings(tokens), 4, eos_id=None, prefill_chunk=10, compile=True)
+        assert got_ids[0].tolist() == want_ids[0, length:].tolist()

@@ -545,7 +545,8 @@ class LLaVADataset(torch.utils.data.Dataset):
     "conversations". An unreadable sample is skipped with a warning that names the file (it returns None)."""
 
     def __init__(self, json_path, tokenizer, template, image_folder="", video_folder="", image_size=224,
-                 pad_to_square=True, video_fps=1.0, max_frames=None, video_token=2, max_len=2048, seed=0):
+                 pad_to_square=True, video_fps=1.0, max_frames=None, video_token=2, max_len=2048, seed=0,
+                 cache_videos=False):
         path = Path(json_path)
         if not path.is_file():
             raise FileNotFoundError(f"training data {path} does not exist")
@@ -560,6 +561,9 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_size, self.pad_to_square = image_size, pad_to_square
         self.video_fps, self.max_frames, self.video_token = video_fps, max_frames, video_token
         self.max_len, self.seed = max_len, seed
+        # cache_videos: keep each video's decoded frames (uint8) in memory after its first read, so later epochs
+        # skip decoding: for small clip sets (the shapes quick start's: ~200 MB), not for real training data
+        self.video_cache = {} if cache_videos else None
 
     def __len__(self):
         return len(self.samples)
@@ -588,7 +592,12 @@ class LLaVADataset(torch.utils.data.Dataset):
             for c in conv:
                 c["value"] = c["value"].replace(IMAGE_TOKEN, video_input)
             return features[:, 1:], conv  # the cls token is not given to the model
-        frames, _ = load_video(file, fps=self.video_fps, max_frames=self.max_frames)
+        if self.video_cache is not None and file in self.video_cache:
+            frames = self.video_cache[file]
+        else:
+            frames, _ = load_video(file, fps=self.video_fps, max_frames=self.max_frames)
+            if self.video_cache is not None:
+                self.video_cache[file] = frames
         return preprocess_frames(frames, self.image_size), conv
 
     def __getitem__(self, i):
@@ -873,11 +882,11 @@ TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "order": 2, "colour": 1, "change"
 
 
 def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2, vocab_size=512,
-                        samples_per_clip=2, multi_turn=0.5, qformer_heads=4, force=False):
+                        samples_per_clip=2, multi_turn=0.5, turns=(2, 3), qformer_heads=4, force=False):
     """Write the synthetic shapes dataset to out_dir; nothing is done when out_dir already holds this one.
 
     videos/{train,val}_NNNNN.mp4; train.json (LLaVA format, `samples_per_clip` question samples a clip, a
-    `multi_turn` share of them with 2-3 turns; TRAIN_TYPE_WEIGHTS mixes the types); captions.json (one stage-1
+    `multi_turn` share of them with a number of turns drawn from `turns`; TRAIN_TYPE_WEIGHTS mixes the types); captions.json (one stage-1
     caption a train clip, plain_guided form: human "<image>", gpt caption); val.json (one question a val clip,
     types in turn, each item with its "type"); tokenizer.model + tokenizer_config.json (a LLaMA-style
     SentencePiece BPE with byte fallback, trained on the train text); bert/vocab.txt + bert/config.json (the
@@ -885,7 +894,7 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
     out = Path(out_dir)
     args = {"version": SHAPES_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed, "frames": frames,
             "size": size, "fps": fps, "vocab_size": vocab_size, "samples_per_clip": samples_per_clip,
-            "multi_turn": multi_turn, "qformer_heads": qformer_heads}
+            "multi_turn": multi_turn, "turns": list(turns), "qformer_heads": qformer_heads}
     manifest = out / "manifest.json"
     if not force and manifest.is_file() and json.loads(manifest.read_text()) == args:
         return out
@@ -916,9 +925,9 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]})
             text.append(caption)
             for j in range(samples_per_clip):
-                turns = rng.choice((2, 3)) if rng.random() < multi_turn else 1
+                n_turns = rng.choice(tuple(turns)) if rng.random() < multi_turn else 1
                 conv, types = [], []
-                while len(types) < turns:  # weighted draws, no type twice in a conversation
+                while len(types) < n_turns:  # weighted draws, no type twice in a conversation
                     kind = rng.choices(kinds, weights)[0]
                     qa = None if kind in types else shapes_question(clip, kind, rng)
                     if qa is None:

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--debug", action="store_true", help="print each full prompt to stderr before its answer")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantisation of the LLM (the original's --load-8bit / --load-4bit)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs) and the prefill")
     p.add_argument("--lora", type=Path, default=None, help="a LoRA run directory (peft layout) to merge on load")
     p.add_argument("--model-base", type=Path, default=None,
                    help="the checkpoint a LoRA run trained on (default: --model-path)")

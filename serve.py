@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-remote", action="store_true", help="allow http(s) media URLs (the server fetches them)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest image / video a request may carry")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of the LLM")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs; CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs) and the prefill; CUDA only")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto picks the first available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")

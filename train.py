@@ -34,6 +34,7 @@ video_fps = 1.0
 max_frames = 0               # 0 = no cap
 video_token = 2
 max_len = 2048
+cache_videos = False         # keep decoded clips in memory after their first read (small synthetic sets only)
 out_dir = "out/run"
 resume = True                # continue from out_dir/train_state.pt when it exists
 stages = ()                  # several stages in one command, e.g. (1, 2) (config/shapes.py): see run_stages
@@ -366,7 +367,7 @@ def main(argv, return_model=False):
     data = LLaVADataset(cfg["data_path"], tokenizer, cfg["template"], cfg["image_folder"], cfg["video_folder"],
                         image_size=model.image_size, video_fps=cfg["video_fps"],
                         max_frames=cfg["max_frames"] or None, video_token=cfg["video_token"],
-                        max_len=cfg["max_len"], seed=cfg["seed"])
+                        max_len=cfg["max_len"], seed=cfg["seed"], cache_videos=cfg["cache_videos"])
     lengths = data.modality_lengths()
     steps_per_epoch = len(data) // cfg["global_batch_size"]
     if steps_per_epoch == 0:

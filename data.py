@@ -740,7 +740,7 @@ NUMBERS = ("none", "one", "two", "three")
 TIME_ORDER_TYPES = ("after", "before", "order")  # answerable only by comparing the frames in order
 QUESTION_TYPES = TIME_ORDER_TYPES + ("colour", "change", "count")
 BACKGROUND = 120  # a grey near CLIP's mean: after normalisation the background is ~0, the shapes stand out
-SHAPES_VERSION = 3  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
+SHAPES_VERSION = 4  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
 
 
 def shapes_clip(rng, frames=16, size=64):
@@ -806,8 +806,8 @@ def render_shapes_clip(clip):
             dx, dy = xx - x, yy - y
             if o["shape"] == "square":
                 mask = (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
-            elif o["shape"] == "circle":
-                mask = dx ** 2 + dy ** 2 <= r ** 2
+            elif o["shape"] == "circle":  # a ring: a filled disc would look much like the square to EVA
+                mask = (dx ** 2 + dy ** 2 <= r ** 2) & (dx ** 2 + dy ** 2 >= (0.55 * r) ** 2)
             else:  # a triangle pointing up: apex r above the centre, base r below it
                 mask = (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
             video[t][mask] = COLOURS[colour]

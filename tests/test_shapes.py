@@ -34,8 +34,9 @@ def test_generator_is_deterministic(tmp_path):
 
 
 def test_clips_show_what_their_text_says(tmp_path):
-    """Every val question records its type, and each event is visible in the decoded frames: the pixel at the
-    centre of the object's quarter of the frame has the colour the event says, before and after it."""
+    """Every val question records its type, and each event is visible in the decoded frames: a pixel of the
+    object's quarter of the frame (7 px below its centre: inside a square, a triangle and a ring alike) has the
+    colour the event says, before and after it."""
     import random
     from data import shapes_clip
     out = make_shapes_dataset(tmp_path, n_train=8, n_val=12, seed=0, frames=16, size=64, fps=2)
@@ -49,8 +50,8 @@ def test_clips_show_what_their_text_says(tmp_path):
         assert frames.shape == (16, 64, 64, 3)
         bg = np.full(3, clip["background"])
 
-        def pixel(t, cell):  # the centre of a quarter of the 64 x 64 frame
-            return frames[t, (cell // 2) * 32 + 16, (cell % 2) * 32 + 16]
+        def pixel(t, cell):  # below the centre of a quarter of the 64 x 64 frame
+            return frames[t, (cell // 2) * 32 + 16 + 7, (cell % 2) * 32 + 16]
         for e in clip["events"]:
             o, t = clip["objects"][e["object"]], e["frame"]
             colour = np.array(COLOURS[o["colour"]])
@@ -107,28 +108,36 @@ def test_no_sample_loses_its_labels(tmp_path):
 
 # --- end to end: data, stage 1, stage 2, eval --------------------------------------------------------------
 
-# What a model that never looks at the video scores on these questions, guessing from the question's text alone:
-# "order" is yes or no (50 %), a colour is one of 4 (25 %), a count one of "none".."three" (~40 % for the
-# commonest), "what happens to" one of ~7; "after"/"before" one of the clip's other events, which only the video
-# shows (a few %). Over the six types in equal shares that is about 25 %.
-CHANCE_OVERALL = 25.0
+def text_only_accuracy(val):
+    """Per question type, the share of its commonest answer: the best a model that ignores the video can do by
+    always giving one answer to a question type (it may do a little better from the question's wording)."""
+    from collections import Counter
+    out = {}
+    for kind in QUESTION_TYPES:
+        answers = [v["conversations"][1]["value"] for v in val if v["type"] == kind]
+        out[kind] = 100 * Counter(answers).most_common(1)[0][1] / len(answers)
+    return out
 
 
 @pytest.mark.skipif(not os.environ.get("LLAMAVID_QUICKSTART_TEST"),
-                    reason="the tiny model does not reach its accuracy target yet (about 37 % overall after the "
-                           "full config/shapes.py run); set LLAMAVID_QUICKSTART_TEST=1 to run this ~10-minute test")
+                    reason="the shortened run does not learn enough yet (it scored 32.5 % overall and 55 % on "
+                           "counting against 34 % and 50 % for the commonest answers); set LLAMAVID_QUICKSTART_TEST=1 "
+                           "to run this ~3-minute test")
 def test_quick_start_end_to_end(tmp_path):
+    """config/shapes.py shortened to ~3 minutes (800 clips, 900 stage-2 steps): data, stage 1, stage 2, eval.py.
+    Counting the shapes is the first skill the from-scratch model learns from the visual tokens; a model that
+    does not read them stays at the commonest answer."""
     data = tmp_path / "data"
     config = tmp_path / "shapes_ci.py"
     config.write_text(
         f"exec(open({os.path.join(ROOT, 'config', 'shapes.py')!r}).read())\n"
         f"data_dir = {str(data)!r}\n"
-        "shapes_dataset.update(out_dir=data_dir, n_train=400, n_val=60)\n"
+        "shapes_dataset.update(out_dir=data_dir, n_train=800, n_val=120)\n"
         "video_folder, tokenizer_dir, bert_path = data_dir, data_dir, data_dir + '/bert'\n"
         f"stage_overrides[1].update(data_path=data_dir + '/captions.json', out_dir={str(tmp_path / 's1')!r},"
         " max_steps=5)\n"
         f"stage_overrides[2].update(data_path=data_dir + '/train.json', init_from={str(tmp_path / 's1')!r},"
-        f" out_dir={str(tmp_path / 's2')!r}, max_steps=600)\n")
+        f" out_dir={str(tmp_path / 's2')!r}, max_steps=900)\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     res = subprocess.run([sys.executable, "train.py", str(config)], cwd=ROOT, capture_output=True, text=True,
                          env=env, timeout=600)
@@ -139,7 +148,10 @@ def test_quick_start_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "s2" / "results_val.json").read_text())["results"]
     print(res.stdout)
-    assert results["normal"]["overall"]["n"] == 60
-    assert results["normal"]["overall"]["accuracy"] >= CHANCE_OVERALL + 30
-    assert set(results["normal"]) >= set(QUESTION_TYPES) | {"time-order"}
+    baseline = text_only_accuracy(json.loads((data / "val.json").read_text()))
+    print("text-only baseline:", baseline)
+    normal = results["normal"]
+    assert normal["overall"]["n"] == 120 and set(normal) >= set(QUESTION_TYPES) | {"time-order"}
     assert TIME_ORDER_TYPES[0] in results["zero-context"]
+    assert normal["count"]["accuracy"] >= baseline["count"] + 35
+    assert normal["overall"]["accuracy"] >= sum(baseline.values()) / len(baseline) + 10

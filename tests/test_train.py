@@ -138,6 +138,26 @@ def test_unreadable_samples_are_skipped_and_counted(fixtures, tmp_path):
     assert batch["skipped"] == 1 and batch["input_ids"].shape[0] == 1
 
 
+def test_cached_videos_are_decoded_once_and_unchanged(fixtures, tmp_path, monkeypatch):
+    import data as data_module
+    frames = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "v.mp4", frames, fps=1)
+    conv = [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}]
+    (tmp_path / "d.json").write_text(json.dumps([{"id": i, "video": "v.mp4", "conversations": conv} for i in (0, 1)]))
+    reads = []
+    real = data_module.load_video
+    monkeypatch.setattr(data_module, "load_video", lambda *a, **k: reads.append(a) or real(*a, **k))
+    tok = Tokenizer(fixtures / "video")
+    plain = LLaVADataset(tmp_path / "d.json", tok, "imgsp_v1", video_folder=tmp_path)
+    cached = LLaVADataset(tmp_path / "d.json", tok, "imgsp_v1", video_folder=tmp_path, cache_videos=True)
+    want = plain[0]["media"]
+    assert len(reads) == 1
+    got = [cached[i]["media"] for i in (0, 1, 0)]
+    assert len(reads) == 2  # the cached dataset decoded its one video once
+    for g in got:
+        assert torch.equal(g, want)
+
+
 def test_length_grouping_keeps_modalities_apart():
     lengths = [5, -3, 40, -30, 7, 100, -2, 60, 9, -50, 3, 80]
     order = length_grouped_order(lengths, 2, seed=0)

@@ -4,7 +4,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import inspect
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LLaMA, LLaMAConfig, RMSNorm, generate
+from model import PREFILL_CHUNK, LLaMA, LLaMAConfig, RMSNorm, generate
 from quantize import Int4Linear, quantize_linear, quantize_model
 from tokens import TokenConfig, VisualTokenizer, _projector
 from vision import EVAConfig, EVAViT
@@ -424,15 +423,14 @@ def section_3():
         ids = torch.randint(0, llm.cfg.vocab_size, (1, T), device=ARGS.device)
         emb = llm.tok_embeddings(ids)
         del ids
-        chunk = inspect.signature(generate).parameters["prefill_chunk"].default
-        warm = emb[:, :min(T, chunk + 512)]  # warm-up: one full chunk and a masked one
+        warm = emb[:, :min(T, PREFILL_CHUNK + 512)]  # warm-up: one full chunk and a masked one
         llm.setup_cache(1, cache_len(warm.shape[1] + 1), dtype=torch.bfloat16, device=ARGS.device)
         generate(llm, warm, 1, eos_id=None)
         llm.clear_cache()
         cleanup()
         reset_peak()
         m.value = t = timeit(lambda: generate(llm, emb, 1, eos_id=None), 1)
-        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of {chunk:,} tokens (causal, bottom-right aligned, flash); KV cache "
+        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of {PREFILL_CHUNK:,} tokens (causal, bottom-right aligned, flash); KV cache "
                   f"{cache_len(T + 1):,} slots")
     with measure(3, f"peak GPU memory, {T:,}-token prefill", "GiB") as m:
         m.value = peak_gib()

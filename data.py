@@ -884,11 +884,11 @@ TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "order": 1, "colour": 2, "change"
 
 
 def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2, vocab_size=512,
-                        samples_per_clip=2, multi_turn=0.5, turns=(2, 3), qformer_heads=4, force=False):
+                        samples_per_clip=2, multi_turn=0.5, qformer_heads=4, force=False):
     """Write the synthetic shapes dataset to out_dir; nothing is done when out_dir already holds this one.
 
     videos/{train,val}_NNNNN.mp4; train.json (LLaVA format, `samples_per_clip` question samples a clip, a
-    `multi_turn` share of them with a number of turns drawn from `turns`; TRAIN_TYPE_WEIGHTS mixes the types); captions.json (one stage-1
+    `multi_turn` share of them with 2-3 turns; TRAIN_TYPE_WEIGHTS mixes the types); captions.json (one stage-1
     caption a train clip, plain_guided form: human "<image>", gpt caption); val.json (one question a val clip,
     types in turn, each item with its "type"); tokenizer.model + tokenizer_config.json (a LLaMA-style
     SentencePiece BPE with byte fallback, trained on the train text); bert/vocab.txt + bert/config.json (the
@@ -896,7 +896,7 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
     out = Path(out_dir)
     args = {"version": SHAPES_VERSION, "n_train": n_train, "n_val": n_val, "seed": seed, "frames": frames,
             "size": size, "fps": fps, "vocab_size": vocab_size, "samples_per_clip": samples_per_clip,
-            "multi_turn": multi_turn, "turns": list(turns), "qformer_heads": qformer_heads}
+            "multi_turn": multi_turn, "qformer_heads": qformer_heads}
     manifest = out / "manifest.json"
     if not force and manifest.is_file() and json.loads(manifest.read_text()) == args:
         return out
@@ -927,7 +927,7 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                 {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption}]})
             text.append(caption)
             for j in range(samples_per_clip):
-                n_turns = rng.choice(tuple(turns)) if rng.random() < multi_turn else 1
+                n_turns = rng.choice((2, 3)) if rng.random() < multi_turn else 1
                 conv, types = [], []
                 while len(types) < n_turns:  # weighted draws, no type twice in a conversation
                     kind = rng.choices(kinds, weights)[0]

@@ -493,6 +493,7 @@ def decode_step(model: LLaMA, tok, input_pos, positions, attention_mask):
     return model(tokens=tok[:, None], attention_mask=attention_mask, positions=positions, input_pos=input_pos)[:, -1]
 
 
+PREFILL_CHUNK = 16384  # prompt tokens a prefill step takes at most: bounds the activations of long prompts
 _compiled_decode_steps = {}
 _compiled_block = None
 
@@ -522,7 +523,7 @@ def compiled_decode_step(autotune: bool = True):
 @torch.no_grad()
 def generate(model: LLaMA, embeds: torch.Tensor, max_new_tokens: int, attention_mask=None, temperature=0.0,
              top_p=1.0, eos_id: Optional[int] = 2, callback: Optional[Callable] = None, generator=None,
-             compile: bool = False, prefill_chunk: int = 16384):
+             compile: bool = False, prefill_chunk: int = PREFILL_CHUNK):
     """Continue prompts given as embeddings (B, T, dim); rows of a batch are left-padded (attention_mask 0).
 
     Returns (B, n) new token ids; a row that hit EOS is padded with EOS. callback(tokens (B,)) is called for

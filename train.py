@@ -50,9 +50,12 @@ lora_save_merged = False     # also write a merged full checkpoint (float bases 
 # optimisation
 learning_rate = 2e-5
 min_lr = 0.0
+visual_learning_rate = 0.0   # the visual token generator's rate (LLaVA's mm_projector_lr); 0 = learning_rate
 weight_decay = 0.0
 betas = (0.9, 0.999)
 warmup_ratio = 0.03
+lr_schedule = "cosine"       # after the warm-up: "cosine" to min_lr, or "wsd": constant, then a linear cool-down
+cooldown_ratio = 0.2         # (wsd) the share of the steps, at the end, over which the rate falls to min_lr
 epochs = 1
 max_steps = 0                # 0 = run the epochs
 global_batch_size = 128      # kept when the GPU count changes: accumulation absorbs the difference
@@ -246,11 +249,17 @@ def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_di
 # ----------------------------------------------------------------------------------------------------------
 
 def lr_at(step, total, cfg):
+    """The rate at a step: a linear warm-up, then a cosine to min_lr, or (wsd: warm-up, stable, decay) the full
+    rate until the last cooldown_ratio of the steps, over which it falls linearly to min_lr."""
+    lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
     warmup = math.ceil(cfg["warmup_ratio"] * total)
     if step < warmup:
-        return cfg["learning_rate"] * (step + 1) / warmup
+        return lr * (step + 1) / warmup
+    if cfg["lr_schedule"] == "wsd":
+        cooldown = math.ceil(cfg["cooldown_ratio"] * total)
+        return lr if step < total - cooldown else min_lr + (lr - min_lr) * (total - step) / cooldown
     progress = (step - warmup) / max(1, total - warmup)
-    return cfg["min_lr"] + 0.5 * (cfg["learning_rate"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -373,10 +382,19 @@ def main(argv, return_model=False):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(data)} samples do not fill one global batch of {cfg['global_batch_size']}")
     total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
+    if cfg["lr_schedule"] not in ("cosine", "wsd"):
+        raise ValueError(f"lr_schedule {cfg['lr_schedule']!r} is not one of 'cosine', 'wsd'")
 
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps in DTensors
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], betas=tuple(cfg["betas"]),
-                                  weight_decay=cfg["weight_decay"], fused=dev.type == "cuda")
+    # two groups: the visual token generator may train at its own rate (visual_scale x the LLM's)
+    visual = {id(p) for name, p in model.named_parameters() if p.requires_grad and name.startswith("visual.")}
+    visual_scale = (cfg["visual_learning_rate"] or cfg["learning_rate"]) / (cfg["learning_rate"] or 1.0)
+    groups = [([p for p in params if id(p) not in visual], 1.0), ([p for p in params if id(p) in visual], visual_scale)]
+    groups = [(group, scale) for group, scale in groups if group]
+    scales = [scale for _, scale in groups]
+    optimizer = torch.optim.AdamW([{"params": group} for group, _ in groups], lr=cfg["learning_rate"],
+                                  betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
+                                  fused=dev.type == "cuda")
     step, train_state = 0, {}
     if resuming:
         train_state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
@@ -386,7 +404,12 @@ def main(argv, return_model=False):
             set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(train_state["optimizer"])
+            try:
+                optimizer.load_state_dict(train_state["optimizer"])
+            except ValueError as e:  # e.g. written with other trainable parts, or before the two rate groups
+                raise ValueError(f"{out / 'train_state.pt'}: its optimizer state does not fit this run's trainable "
+                                 f"parameters ({e}); resume with the settings it was written with, or start afresh "
+                                 "with --resume=False or another out_dir") from None
         if master:
             print(f"resumed from {out} at step {step}")
 
@@ -430,8 +453,8 @@ def main(argv, return_model=False):
     t0, tokens_seen, flops_seen, losses, skipped = time.time(), 0, 0.0, [], 0
     while step < total:
         lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, scale in zip(optimizer.param_groups, scales):
+            group["lr"] = lr * scale
         step_loss = torch.zeros((), device=dev)
         for micro in range(accum):
             batch = next(it)

@@ -1,6 +1,7 @@
 """train.py on the fixture checkpoints: learning, the stage's frozen parts, exact resume, 1 vs 2 processes,
 checkpoints in the original layout; the dataset's skipping, length grouping and safe feature import."""
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -118,6 +119,41 @@ def test_two_processes_equal_one(fixtures, dataset, tmp_path):
     two = run(stage2_args(fixtures, dataset), tmp_path / "two", nproc=2, max_steps=3)
     assert len(two) == 3
     assert np.allclose(one, two, rtol=1e-4), (one, two)
+
+
+def test_visual_learning_rate_applies_to_the_token_generator_only(fixtures, dataset, tmp_path):
+    """AdamW's first step moves every weight with a gradient by its group's rate (m / sqrt(v) = sign(g)): the LLM
+    by learning_rate, the visual token generator by visual_learning_rate (no warm-up, no weight decay)."""
+    ref = {k: v.clone() for k, v in LlamaVID.from_pretrained(fixtures / "video").state_dict().items()}
+    run(stage2_args(fixtures, dataset), tmp_path / "out", max_steps=1, warmup_ratio=0.0, grad_clip=0.0,
+        visual_learning_rate=1e-2)
+    new = LlamaVID.from_pretrained(tmp_path / "out").state_dict()
+    moved = {name: (new[name] - v).abs().max().item() for name, v in ref.items() if v.is_floating_point()}
+    llm = [d for name, d in moved.items() if name.startswith("llm.") and d > 0]
+    visual = [d for name, d in moved.items() if name.startswith("visual.") and d > 0]
+    assert llm and visual
+    assert max(llm) == pytest.approx(1e-3, rel=1e-3)  # run()'s learning_rate
+    assert max(visual) == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_resume_with_other_trainable_parts_is_refused_clearly(fixtures, dataset, tmp_path):
+    run(stage2_args(fixtures, dataset) + ["--stage=1"], tmp_path / "out", max_steps=1)  # projectors only
+    with pytest.raises(ValueError, match="optimizer state does not fit"):
+        run(stage2_args(fixtures, dataset), tmp_path / "out", max_steps=2)  # stage 2 resuming stage 1's state
+
+
+def test_learning_rate_schedules():
+    """Hand-computed rates: 10 warm-up steps of 100, then a cosine to min_lr, or wsd's plateau and linear fall
+    over the last 20 steps."""
+    cfg = {"learning_rate": 1.0, "min_lr": 0.1, "warmup_ratio": 0.1, "cooldown_ratio": 0.2}
+    cosine, wsd = {**cfg, "lr_schedule": "cosine"}, {**cfg, "lr_schedule": "wsd"}
+    for sched in (cosine, wsd):
+        assert [train.lr_at(s, 100, sched) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert train.lr_at(10, 100, cosine) == pytest.approx(1.0)
+    assert train.lr_at(55, 100, cosine) == pytest.approx(0.55)  # half way through the cosine: the mean
+    assert train.lr_at(99, 100, cosine) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90)))
+    assert [train.lr_at(s, 100, wsd) for s in (10, 50, 79, 80, 90, 99)] == \
+        pytest.approx([1.0, 1.0, 1.0, 1.0, 0.55, 0.145])
 
 
 def test_unknown_setting_is_refused():

@@ -389,10 +389,9 @@ def main(argv, return_model=False):
     # two groups: the visual token generator may train at its own rate (visual_scale x the LLM's)
     visual = {id(p) for name, p in model.named_parameters() if p.requires_grad and name.startswith("visual.")}
     visual_scale = (cfg["visual_learning_rate"] or cfg["learning_rate"]) / (cfg["learning_rate"] or 1.0)
-    groups = [([p for p in params if id(p) not in visual], 1.0), ([p for p in params if id(p) in visual], visual_scale)]
-    groups = [(group, scale) for group, scale in groups if group]
-    scales = [scale for _, scale in groups]
-    optimizer = torch.optim.AdamW([{"params": group} for group, _ in groups], lr=cfg["learning_rate"],
+    split = [[p for p in params if id(p) not in visual], [p for p in params if id(p) in visual]]
+    scales = [scale for scale, group in zip((1.0, visual_scale), split) if group]
+    optimizer = torch.optim.AdamW([{"params": group} for group in split if group], lr=cfg["learning_rate"],
                                   betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
                                   fused=dev.type == "cuda")
     step, train_state = 0, {}

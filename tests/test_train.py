@@ -129,11 +129,15 @@ def test_visual_learning_rate_applies_to_the_token_generator_only(fixtures, data
         visual_learning_rate=1e-2)
     new = LlamaVID.from_pretrained(tmp_path / "out").state_dict()
     moved = {name: (new[name] - v).abs().max().item() for name, v in ref.items() if v.is_floating_point()}
-    llm = [d for name, d in moved.items() if name.startswith("llm.") and d > 0]
-    visual = [d for name, d in moved.items() if name.startswith("visual.") and d > 0]
-    assert llm and visual
-    assert max(llm) == pytest.approx(1e-3, rel=1e-3)  # run()'s learning_rate
-    assert max(visual) == pytest.approx(1e-2, rel=1e-3)
+    llm = {name: d for name, d in moved.items() if name.startswith("llm.") and d > 0}
+    visual = {name: d for name, d in moved.items() if name.startswith("visual.") and d > 0}
+    assert len(llm) > 10 and len(visual) > 10
+    for name, d in llm.items():  # each tensor's largest move: an element whose gradient dwarfs Adam's eps
+        assert d == pytest.approx(1e-3, rel=1e-3), name  # run()'s learning_rate
+    for name, d in visual.items():
+        if name.endswith(("k.bias", "key_projector.bias")):  # a key bias shifts a query's scores alike: grad ~0
+            continue
+        assert d == pytest.approx(1e-2, rel=1e-3), name
 
 
 def test_resume_with_other_trainable_parts_is_refused_clearly(fixtures, dataset, tmp_path):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 # which is the convention torch's int4 kernels (tinygemm) dequantise with.
 
 INT4_KERNEL_GROUPSIZES = (32, 64, 128, 256)  # what torch's int4 matmul kernels accept
+DECODE_ROWS = 8192  # an int8 layer with more outputs multiplies a one-token input in slices of this many rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +105,13 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scales, dtype)
 
     def forward(self, x):
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        if x.numel() == x.shape[-1] and self.out_features > DECODE_ROWS:
+            # one token (batch-1 decoding): compiled, each slice becomes its own one-row reduction kernel. In two
+            # runs on H100s that also ran whole layers, 8,192-row slices decoded 37 % and 25 % faster (README)
+            y = torch.cat([F.linear(x, w.to(x.dtype)) for w in self.weight.split(DECODE_ROWS)], dim=-1)
+        else:
+            y = F.linear(x, self.weight.to(x.dtype))
+        y = y * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self):

@@ -53,6 +53,21 @@ def test_int8_layer_output(bias):
     assert ((y - lin(x)).abs() <= bound + 1e-5).all()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 40), (1, 40), (3, 40)])
+def test_int8_one_token_in_slices(shape, monkeypatch):
+    # a one-token input of a layer with more outputs than DECODE_ROWS is multiplied slice by slice: each output is
+    # still its own row's dot product (set DECODE_ROWS small so a small layer has a short last slice)
+    import quantize
+    monkeypatch.setattr(quantize, "DECODE_ROWS", 16)
+    lin = _linear(40, 37, bias=True)
+    mod = Int8Linear.from_linear(lin)
+    x = torch.randn(*shape)
+    w = lin.weight.detach()
+    s = w.abs().amax(dim=1) / 127
+    torch.testing.assert_close(mod(x), F.linear(x, torch.round(w / s[:, None]) * s[:, None], lin.bias),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_int8_keeps_bf16():
     lin = _linear(64, 32).to(torch.bfloat16)
     mod = Int8Linear.from_linear(lin)

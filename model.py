@@ -653,11 +653,11 @@ class LlamaVID(nn.Module):
                     raise ValueError(f"sample {b} has {len(slots)} <image> placeholder(s) but no image or video")
                 emb = text
             else:
-                guide = prompts[b]
-                if not self.is_long_features(media[b]) and isinstance(guide, (list, tuple)) and len(guide) > len(slots):
+                long_video, guide = self.is_long_features(media[b]), prompts[b]
+                if not long_video and isinstance(guide, (list, tuple)):
                     guide = guide[:len(slots)]  # a later turn with no placeholder of its own gets no tokens: skip it
                 vis = self.media_tokens(media[b], guide).to(text.dtype)
-                if self.is_long_features(media[b]):
+                if long_video:
                     if len(slots) != vis.shape[1]:
                         raise ValueError(f"sample {b}: {vis.shape[1]} visual tokens for {len(slots)} <image> "
                                          f"placeholders; the movie prompt needs {self.video_token} per frame")

@@ -27,7 +27,7 @@ llm_config = dict(vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, 
 vision_config = dict(img_size=56, patch_size=14, width=88, depth=2, heads=1, mlp_hidden=352)
 token_config = dict(qformer=dict(hidden_size=64, num_layers=2, intermediate_size=128, num_query=8,
                                  max_position=128))
-compress_type = "grid:2"            # four content tokens a frame, one a quarter (each object has its own)
+compress_type = "mean"              # as the released video models: a frame = its context token + one pooled token
 max_len = 512
 
 global_batch_size = 8

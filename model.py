@@ -627,6 +627,32 @@ class LlamaVID(nn.Module):
             media = self.encode(media)
         return self.visual(media, prompts)
 
+    def batch_media_tokens(self, media: list, prompts: list) -> list:
+        """media_tokens for a batch: prompts[b] None skips sample b (its entry is None). The short images and videos
+        go through EVA and the Q-Former together (a call for each sample would cost a training step most of its
+        time in small kernels); long-video features keep their own call."""
+        out = [None] * len(prompts)
+        short = [b for b, p in enumerate(prompts) if p is not None and not self.is_long_features(media[b])]
+        for b, p in enumerate(prompts):
+            if p is not None and self.is_long_features(media[b]):
+                out[b] = self.media_tokens(media[b], p)
+        if not short:
+            return out
+        feats = [media[b] for b in short]
+        pixels = [i for i, f in enumerate(feats) if f.ndim == 4]
+        if pixels:
+            if self.vision is None:
+                raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
+            if len({feats[i].shape[1:] for i in pixels}) == 1:
+                encoded = self.encode(torch.cat([feats[i] for i in pixels])).split([len(feats[i]) for i in pixels])
+            else:
+                encoded = [self.encode(feats[i]) for i in pixels]
+            for i, f in zip(pixels, encoded):
+                feats[i] = f
+        for b, v in zip(short, self.visual.forward_many(feats, [prompts[b] for b in short])):
+            out[b] = v
+        return out
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """EVA features (T, 1+N, W) of preprocessed frames (T, 3, S, S): what media_tokens accepts in their place."""
         return self.vision(pixels.to(self.vision.patch_embed.proj.weight.dtype))
@@ -642,36 +668,40 @@ class LlamaVID(nn.Module):
         """
         from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
         embed_tokens = self.llm.tok_embeddings
+        slots, guides = [], []
+        for b in range(len(input_ids)):
+            slots.append((input_ids[b] == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist())
+            if slots[b] and (media is None or media[b] is None):
+                raise ValueError(f"sample {b} has {len(slots[b])} <image> placeholder(s) but no image or video")
+            guide = prompts[b] if slots[b] else None
+            if slots[b] and not self.is_long_features(media[b]) and isinstance(guide, (list, tuple)):
+                guide = guide[:len(slots[b])]  # a later turn with no placeholder of its own gets no tokens: skip it
+            guides.append(guide)
+        vis = self.batch_media_tokens(media, guides)
         rows, masks, row_labels = [], [], []
         for b in range(len(input_ids)):
             ids = input_ids[b]
             lab = labels[b] if labels is not None else None
-            slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
             text = embed_tokens(ids.clamp(min=0))
-            if not slots or media is None or media[b] is None:
-                if slots:
-                    raise ValueError(f"sample {b} has {len(slots)} <image> placeholder(s) but no image or video")
+            if not slots[b]:
                 emb = text
             else:
-                long_video, guide = self.is_long_features(media[b]), prompts[b]
-                if not long_video and isinstance(guide, (list, tuple)):
-                    guide = guide[:len(slots)]  # a later turn with no placeholder of its own gets no tokens: skip it
-                vis = self.media_tokens(media[b], guide).to(text.dtype)
+                long_video, v = self.is_long_features(media[b]), vis[b].to(text.dtype)
                 if long_video:
-                    if len(slots) != vis.shape[1]:
-                        raise ValueError(f"sample {b}: {vis.shape[1]} visual tokens for {len(slots)} <image> "
+                    if len(slots[b]) != v.shape[1]:
+                        raise ValueError(f"sample {b}: {v.shape[1]} visual tokens for {len(slots[b])} <image> "
                                          f"placeholders; the movie prompt needs {self.video_token} per frame")
                     emb = text.clone()
-                    emb[slots] = vis[0]
+                    emb[slots[b]] = v[0]
                 else:
-                    if len(slots) > vis.shape[0]:
-                        raise ValueError(f"sample {b} has {len(slots)} <image> placeholders but "
-                                         f"{vis.shape[0]} guided prompt(s); give one prompt per placeholder")
+                    if len(slots[b]) > v.shape[0]:
+                        raise ValueError(f"sample {b} has {len(slots[b])} <image> placeholders but "
+                                         f"{v.shape[0]} guided prompt(s); give one prompt per placeholder")
                     pieces, lab_pieces, start = [], [], 0
-                    for i, s in enumerate(slots):
-                        pieces += [text[start:s], vis[i]]
+                    for i, s in enumerate(slots[b]):
+                        pieces += [text[start:s], v[i]]
                         if lab is not None:
-                            lab_pieces += [lab[start:s], lab.new_full((vis.shape[1],), IGNORE_INDEX)]
+                            lab_pieces += [lab[start:s], lab.new_full((v.shape[1],), IGNORE_INDEX)]
                         start = s + 1
                     emb = torch.cat(pieces + [text[start:]])
                     if lab is not None:

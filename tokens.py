@@ -491,32 +491,44 @@ class VisualTokenizer(nn.Module):
         """features (T, M, W): ONE image (T = 1) or video (T frames); M = 1 + N with cls, or N (long video,
         cls removed by the caller). prompts: this sample's guided prompts, one per human turn.
         Returns (len(prompts), T * (1 + n), llm_dim): for each prompt, frame by frame, [context, content..]."""
+        return self.forward_many([features], [prompts], long_video)[0]
+
+    def forward_many(self, features, prompts, long_video=False):
+        """forward for several samples in one Q-Former batch (a training batch's images / videos): features[s]
+        (T_s, M, W), prompts[s] its prompts. Rows are independent, so this gives what one call a sample gives."""
         if self.wordpiece is None:
             raise ValueError("VisualTokenizer has no WordPiece vocabulary: call set_wordpiece(path to vocab.txt)")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not prompts:
+        prompts = [[p] if isinstance(p, str) else list(p) for p in prompts]
+        if any(not p for p in prompts):
             raise ValueError("no guided prompts: give at least one (the question of each human turn)")
-        if features.dim() != 3 or features.shape[-1] != self.cfg.vision_width:
-            raise ValueError(f"features must be (T, tokens, {self.cfg.vision_width}), got {tuple(features.shape)}")
+        for f in features:
+            if f.dim() != 3 or f.shape[-1] != self.cfg.vision_width:
+                raise ValueError(f"features must be (T, tokens, {self.cfg.vision_width}), got {tuple(f.shape)}")
+        if len({f.shape[1] for f in features}) > 1:  # other patch counts: one batch for each
+            return [self.forward_many([f], [p], long_video)[0] for f, p in zip(features, prompts)]
         param = self.vlm_att_key_projector.weight
-        input_ids, text_mask = self.wordpiece(prompts)
+        input_ids, text_mask = self.wordpiece([q for p in prompts for q in p])
         input_ids, text_mask = input_ids.to(param.device), text_mask.to(param.device)
-        P, T = len(prompts), features.shape[0]
-        # rows are (prompt, frame) pairs, prompt-major as in the original. Short inputs go in one batch;
-        # long videos in blocks of long_video_block rows, so only that many frames' Q-Former activations
+        # rows are (prompt, frame) pairs, prompt-major within a sample as in the original. Short inputs go in one
+        # batch; long videos in blocks of long_video_block rows, so only that many frames' Q-Former activations
         # (and casts to the model's dtype/device from an fp16 CPU cache) exist at a time.
-        n_rows = P * T
-        block = self.cfg.long_video_block if long_video else n_rows
+        frame_idx, prompt_idx, f0, p0 = [], [], 0, 0
+        for f, p in zip(features, prompts):
+            T, P = f.shape[0], len(p)
+            frame_idx.append(f0 + torch.arange(T).repeat(P))
+            prompt_idx.append(p0 + torch.arange(P).repeat_interleave(T))
+            f0, p0 = f0 + T, p0 + P
+        frame_idx, prompt_idx = torch.cat(frame_idx), torch.cat(prompt_idx)
+        all_features = features[0] if len(features) == 1 else torch.cat(features)
+        block = self.cfg.long_video_block if long_video else len(frame_idx)
         out = []
-        for start in range(0, n_rows, block):
-            rows = torch.arange(start, min(start + block, n_rows))
-            frame_idx, prompt_idx = rows % T, rows // T
-            feats = features[frame_idx.to(features.device)].to(device=param.device, dtype=param.dtype)
-            pid = prompt_idx.to(param.device)
+        for start in range(0, len(frame_idx), block):
+            fi, pid = frame_idx[start:start + block], prompt_idx[start:start + block].to(param.device)
+            feats = all_features[fi.to(all_features.device)].to(device=param.device, dtype=param.dtype)
             out.append(self._tokens(feats, input_ids[pid], text_mask[pid]))
-        tokens = torch.cat(out)  # (P * T, 1 + n, llm_dim)
-        return tokens.reshape(P, T * tokens.shape[1], tokens.shape[2])
+        tokens = torch.cat(out)  # (sum of P_s * T_s, 1 + n, llm_dim)
+        sizes = [len(p) * f.shape[0] for f, p in zip(features, prompts)]
+        return [t.reshape(len(p), -1, t.shape[-1]) for t, p in zip(tokens.split(sizes), prompts)]
 
     # -------------------------------------------------------------------------
     # loading

@@ -444,6 +444,7 @@ class VisualTokenizer(nn.Module):
         self.vlm_att_val_projector = nn.Linear(cfg.vision_width, cfg.llm_dim)
         self.mm_projector = _projector(cfg.projector_type, cfg.vision_width, cfg.llm_dim)
         self.wordpiece = None  # set by set_wordpiece / from_llamavid(bert_path=...)
+        self.zero_context = False  # True: every context token is zero (eval.py --zero-context's ablation)
 
     def set_wordpiece(self, wordpiece):
         self.wordpiece = wordpiece if isinstance(wordpiece, WordPiece) else WordPiece(wordpiece)
@@ -475,6 +476,8 @@ class VisualTokenizer(nn.Module):
         scores = text_q @ keys.transpose(-1, -2) / math.sqrt(vis.shape[-1])
         ctx = (scores.softmax(-1) @ vis).mean(1)  # values are the raw patches; mean over the queries
         ctx = self.vlm_att_val_projector(ctx[:, None])  # (B, 1, llm_dim)
+        if self.zero_context:
+            ctx = torch.zeros_like(ctx)
         ct = cfg.compress_type
         if ct == "mean":
             vis = vis.mean(dim=1, keepdim=True)

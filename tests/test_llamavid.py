@@ -119,3 +119,31 @@ def test_checkpoint_errors(fixtures, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="mm_hidden_size"):
         LlamaVID.from_pretrained(bad, vision_path=fixtures / "eva_vit_g.pth", bert_path=fixtures / "bert-base-uncased")
+
+
+def test_zero_context_zeroes_only_the_context_tokens(fixtures):
+    """eval.py --zero-context's ablation, over a padded batch of two videos: in the spliced embeddings every
+    frame's first visual token (its context token) is zero and everything else is what it is without it."""
+    from data import IMAGE_TOKEN_INDEX
+    from eval import zero_context
+    meta, t = load_case(fixtures, "video_single")
+    model = get_model(fixtures, meta["checkpoint"])
+    ids = t["input_ids"]
+    media = [media_of(model, fixtures, meta, t), media_of(model, fixtures, meta, t).flip(-1)]
+    prompts = [meta["guided_prompts"][0]] * 2
+    batch = torch.cat([ids, ids])
+    with torch.no_grad():
+        normal, _, _ = model.embed(batch, media, prompts)
+        with zero_context(model):
+            ablated, _, _ = model.embed(batch, media, prompts)
+        again, _, _ = model.embed(batch, media, prompts)
+    slot = (ids[0] == IMAGE_TOKEN_INDEX).nonzero().item()
+    per_frame = model.tokens_per_frame()
+    n_visual = len(media[0]) * per_frame
+    visual = torch.zeros(normal.shape[1], dtype=torch.bool)
+    visual[slot:slot + n_visual] = True
+    context = torch.zeros_like(visual)
+    context[slot:slot + n_visual:per_frame] = True
+    assert ablated[:, context].abs().max() == 0 and normal[:, context].abs().min() > 0
+    assert torch.equal(ablated[:, ~context], normal[:, ~context])
+    assert torch.equal(again, normal)  # the ablation ends with the block

@@ -66,15 +66,17 @@ def test_clips_show_what_their_text_says(tmp_path):
                 assert np.abs(pixel(t - 2, e["to"]) - bg).max() < 30
                 assert np.abs(pixel(t + 1, e["to"]) - colour).max() < 30
             kinds.add(e["kind"])
+        assert [e["frame"] for e in clip["events"]] in ([3, 7, 11], [3, 7], [3, 11], [7, 11])
     assert len(kinds) >= 3
 
 
 def test_time_order_answers_follow_the_events(tmp_path):
-    """The time-order answers are the neighbouring events of the caption's sequence: "after X" is the event
-    the caption lists right after X."""
+    """The time-order answers are read off the caption's sequence: "after X" is the event the caption lists
+    right after X, "before X" the one right before it, and "Which happens first: X or Y?" whichever of the two
+    it lists first."""
     out = make_shapes_dataset(tmp_path, n_train=30, n_val=6, seed=1)
     captions = {c["video"]: c["conversations"][1]["value"] for c in json.loads((out / "captions.json").read_text())}
-    n = 0
+    n, orders = 0, []
     for s in json.loads((out / "train.json").read_text()):
         conv = s["conversations"]
         for t, kind in enumerate(s["types"]):
@@ -86,7 +88,11 @@ def test_time_order_answers_follow_the_events(tmp_path):
             elif kind == "before":
                 assert events[events.index(q[len("What happens before "):-1]) - 1] == a
                 n += 1
-    assert n > 10
+            elif kind == "order":
+                x, y = q[len("Which happens first: "):-1].split(" or ")
+                assert a == min(x, y, key=events.index)
+                orders.append(a == x)
+    assert n > 10 and 0 < sum(orders) < len(orders)  # the earlier event is named first in some questions, not all
 
 
 def test_no_sample_loses_its_labels(tmp_path):

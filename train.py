@@ -360,7 +360,7 @@ def main(argv, return_model=False):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in model.llm.layers:
             fully_shard(block, mp_policy=mp)
-        # EVA is frozen and runs a different number of times on each process (once per sample with media):
+        # EVA is frozen and runs a different number of times on each process (not at all for a text-only batch):
         # it stays out of FSDP, replicated in the compute dtype. The token generator sits in the root group,
         # gathered once per forward however often it runs.
         frozen = set()

@@ -561,8 +561,9 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.image_size, self.pad_to_square = image_size, pad_to_square
         self.video_fps, self.max_frames, self.video_token = video_fps, max_frames, video_token
         self.max_len, self.seed = max_len, seed
-        # cache_videos: keep each video's decoded frames (uint8) in memory after its first read, so later epochs
-        # skip decoding: for small clip sets (the shapes quick start's: ~200 MB), not for real training data
+        # cache_videos: keep each video's decoded frames (uint8, resized to image_size) in memory after its first
+        # read, so later epochs skip decoding and resizing: for small clip sets (the shapes quick start's: ~150 MB),
+        # not for real training data
         self.video_cache = {} if cache_videos else None
 
     def __len__(self):
@@ -578,7 +579,7 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def load_media(self, sample):
         """(media tensor or None, conversation) for one sample; long videos rewrite the conversation."""
-        from vision import preprocess_frames, preprocess_images
+        from vision import preprocess_frames, preprocess_images, resize_frames
         conv = [dict(c) for c in sample["conversations"]]
         if "image" in sample:
             image = load_image(self.image_folder / sample["image"])
@@ -597,7 +598,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         else:
             frames, _ = load_video(file, fps=self.video_fps, max_frames=self.max_frames)
             if self.video_cache is not None:
-                self.video_cache[file] = frames
+                frames = self.video_cache[file] = resize_frames(frames, self.image_size)
         return preprocess_frames(frames, self.image_size), conv
 
     def __getitem__(self, i):
@@ -747,9 +748,10 @@ def shapes_clip(rng, frames=16, size=64):
     """A random clip description: 2-3 objects (distinct shapes and colours, each in its own quarter of the
     frame) and one event for each, at one of three fixed frames (3, 7 and 11 of 16: near a quarter, half and
     three quarters of the clip). Objects sit at the centre of their quarter: a shape drifting across the ViT's
-    patch grid looks different to a random (untrained) EVA at every offset. One that moves goes to the free quarter: a third of the way in the frame before its
-    event's, two thirds in the event's frame, there from the next one on (so any 1-in-2 sampling sees it
-    travel: a random EVA has no position embeddings, only the shape seen off the grid shows a move)."""
+    patch grid looks different to a random (untrained) EVA at every offset. One that moves goes to the free
+    quarter: a third of the way in the frame before its event's, two thirds in the event's frame, there from
+    the next one on (so any 1-in-2 sampling sees it travel: a random EVA has no position embeddings, only the
+    shape seen off the grid shows a move)."""
     if frames < 12:
         raise ValueError(f"a shapes clip needs at least 12 frames for its events, got {frames}")
     n_obj = rng.choice((2, 3, 3))

@@ -238,12 +238,20 @@ def preprocess_images(images, size, pad_to_square=True) -> torch.Tensor:
     return _normalize(np.stack(out))
 
 
-def preprocess_frames(frames, size) -> torch.Tensor:
-    """uint8 RGB video frames (T, H, W, 3), numpy or torch -> float32 (T, 3, size, size); never padded."""
+def resize_frames(frames, size) -> np.ndarray:
+    """uint8 RGB video frames (T, H, W, 3), numpy or torch -> uint8 (T, size, size, 3): preprocess_frames before
+    its normalisation (what a cache of decoded clips keeps); never padded."""
     frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 RGB of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    return _normalize(np.stack([_resize_crop(Image.fromarray(f), size) for f in frames]))
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([_resize_crop(Image.fromarray(f), size) for f in frames])
+
+
+def preprocess_frames(frames, size) -> torch.Tensor:
+    """uint8 RGB video frames (T, H, W, 3), numpy or torch -> float32 (T, 3, size, size); never padded."""
+    return _normalize(resize_frames(frames, size))
 
 
 def image_size_from_config(cfg: dict) -> int:

@@ -40,6 +40,6 @@ weight_decay = 0.0
 dropout = 0.0
 gradient_checkpointing = False      # nothing to save at this size; recomputing costs time
 num_workers = 0                     # a worker process fights the 2 training threads for the cores
-cache_videos = True                 # 2,000 clips decoded once (~200 MB): later epochs skip the decoder
+cache_videos = True                 # 2,000 clips decoded and resized once (~150 MB): later epochs skip both
 log_interval = 25
 save_interval = 100000              # only the final checkpoint of each stage

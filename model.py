@@ -616,39 +616,30 @@ class LlamaVID(nn.Module):
         patch = self.vision.cfg.patch_size if self.vision is not None else 14
         return self.visual.tokens_per_frame((self.image_size // patch) ** 2)
 
-    def media_tokens(self, media: torch.Tensor, prompts: list) -> torch.Tensor:
-        """Visual tokens of one image / video: (len(prompts), tokens, dim), one row per guiding question.
-        media: pixels (T, 3, S, S), EVA features (T, 1+N, W), or long-video features (T, N, W)."""
-        if self.is_long_features(media):  # long video: cached features, the Q-Former runs in blocks of frames
-            return self.visual(media, prompts, long_video=True)
-        if media.ndim == 4:
-            if self.vision is None:
-                raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
-            media = self.encode(media)
-        return self.visual(media, prompts)
-
-    def batch_media_tokens(self, media: list, prompts: list) -> list:
-        """media_tokens for a batch: prompts[b] None skips sample b (its entry is None). The short images and videos
-        go through EVA and the Q-Former together (a call for each sample would cost a training step most of its
-        time in small kernels); long-video features keep their own call."""
-        out = [None] * len(prompts)
-        short = [b for b, p in enumerate(prompts) if p is not None and not self.is_long_features(media[b])]
+    def media_tokens(self, media: list, prompts: list) -> list:
+        """Visual tokens of a batch's images / videos: entry b is (len(prompts[b]), tokens, dim), one row per guiding
+        question, or None where prompts[b] is None. media[b]: pixels (T, 3, S, S), EVA features (T, 1+N, W), or
+        long-video features (T, N, W). The short media go through EVA and the Q-Former together (a call for each
+        sample would cost a small-model training step most of its time in small kernels); a long video, whose
+        Q-Former runs in blocks of frames, has its own call."""
+        out, short = [None] * len(prompts), []
         for b, p in enumerate(prompts):
             if p is not None and self.is_long_features(media[b]):
-                out[b] = self.media_tokens(media[b], p)
+                out[b] = self.visual(media[b], p, long_video=True)
+            elif p is not None:
+                short.append(b)
         if not short:
             return out
         feats = [media[b] for b in short]
         pixels = [i for i, f in enumerate(feats) if f.ndim == 4]
-        if pixels:
-            if self.vision is None:
-                raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
-            if len({feats[i].shape[1:] for i in pixels}) == 1:
-                encoded = self.encode(torch.cat([feats[i] for i in pixels])).split([len(feats[i]) for i in pixels])
-            else:
-                encoded = [self.encode(feats[i]) for i in pixels]
-            for i, f in zip(pixels, encoded):
-                feats[i] = f
+        if pixels and self.vision is None:
+            raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
+        if pixels and len({feats[i].shape[1:] for i in pixels}) == 1:
+            encoded = self.encode(torch.cat([feats[i] for i in pixels])).split([len(feats[i]) for i in pixels])
+        else:
+            encoded = [self.encode(feats[i]) for i in pixels]
+        for i, f in zip(pixels, encoded):
+            feats[i] = f
         for b, v in zip(short, self.visual.forward_many(feats, [prompts[b] for b in short])):
             out[b] = v
         return out
@@ -677,7 +668,7 @@ class LlamaVID(nn.Module):
             if slots[b] and not self.is_long_features(media[b]) and isinstance(guide, (list, tuple)):
                 guide = guide[:len(slots[b])]  # a later turn with no placeholder of its own gets no tokens: skip it
             guides.append(guide)
-        vis = self.batch_media_tokens(media, guides)
+        vis = self.media_tokens(media, guides)
         rows, masks, row_labels = [], [], []
         for b in range(len(input_ids)):
             ids = input_ids[b]

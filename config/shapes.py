@@ -13,7 +13,7 @@ stage_overrides = {
     1: dict(template="plain_guided", data_path=f"{data_dir}/captions.json", init_from="scratch",
             out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=30),
     2: dict(template="imgsp_v1", data_path=f"{data_dir}/train.json", init_from="out/shapes_stage1",
-            out_dir="out/shapes", learning_rate=3e-4, max_steps=4000),
+            out_dir="out/shapes", learning_rate=3e-4, max_steps=5000),
 }
 video_folder = data_dir
 tokenizer_dir = data_dir            # tokenizer.model for the scratch model (then copied into each checkpoint)

@@ -817,8 +817,8 @@ def render_shapes_clip(clip):
 def _event_text(clip, e):
     o = clip["objects"][e["object"]]
     name = f"the {o['colour']} {o['shape']}"  # each object has one event at most: its colour before it
-    verb = {"appear": "appear", "disappear": "disappear", "move": "move"}.get(e["kind"], f"turn {e.get('to')}")
-    return f"{name} {verb.replace(' ', 's ', 1) if ' ' in verb else verb + 's'}"
+    verb = {"appear": "appears", "disappear": "disappears", "move": "moves"}.get(e["kind"], f"turns {e.get('to')}")
+    return f"{name} {verb}"
 
 
 def shapes_caption(clip):

@@ -147,3 +147,21 @@ def test_zero_context_zeroes_only_the_context_tokens(fixtures):
     assert ablated[:, context].abs().max() == 0 and normal[:, context].abs().min() > 0
     assert torch.equal(ablated[:, ~context], normal[:, ~context])
     assert torch.equal(again, normal)  # the ablation ends with the block
+
+
+def test_a_mixed_batch_gives_each_sample_its_own_tokens(fixtures):
+    """A video, an image and a text-only prompt in one batch go through EVA and the Q-Former together; each
+    sample's embeddings must be those it gets alone (which the cases above check against the original)."""
+    meta, t = load_case(fixtures, "video_single")
+    model = get_model(fixtures, meta["checkpoint"])
+    image_meta, image_t = load_case(fixtures, "image_single")
+    video = media_of(model, fixtures, meta, t)
+    image = media_of(model, fixtures, image_meta, image_t)  # preprocessed at this model's size, as the video
+    ids = t["input_ids"][0]
+    text = ids[ids >= 0]
+    samples = [(ids, video, meta["guided_prompts"][0]), (ids, image, "what is this?"), (text, None, None)]
+    with torch.no_grad():
+        alone = [model.embed([i], [m], [p])[0][0] for i, m, p in samples]
+        together = model.embed([i for i, _, _ in samples], [m for _, m, _ in samples], [p for _, _, p in samples])[0]
+    for b, want in enumerate(alone):
+        assert_close(together[b, :len(want)], want, 1e-5)

@@ -393,7 +393,7 @@ def main(argv, return_model=False):
     scales = [scale for scale, group in zip((1.0, visual_scale), split) if group]
     optimizer = torch.optim.AdamW([{"params": group} for group in split if group], lr=cfg["learning_rate"],
                                   betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                  fused=dev.type == "cuda")
+                                  fused=dev.type == "cuda" or not distributed)  # (CPU too: 5x a loop's speed)
     step, train_state = 0, {}
     if resuming:
         train_state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)

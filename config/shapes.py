@@ -7,13 +7,13 @@ import torch
 torch.set_num_threads(2)  # the numbers in the README were measured on 2 CPU cores
 
 data_dir = "out/shapes_data"
-shapes_dataset = dict(out_dir=data_dir, n_train=2000, n_val=300, seed=0, frames=16, size=64, fps=2)
+shapes_dataset = dict(out_dir=data_dir, n_train=4000, n_val=300, seed=0, frames=16, size=64, fps=2)
 stages = (1, 2)
 stage_overrides = {
     1: dict(template="plain_guided", data_path=f"{data_dir}/captions.json", init_from="scratch",
             out_dir="out/shapes_stage1", learning_rate=3e-3, max_steps=30),
     2: dict(template="imgsp_v1", data_path=f"{data_dir}/train.json", init_from="out/shapes_stage1",
-            out_dir="out/shapes", learning_rate=3e-4, max_steps=5000),
+            out_dir="out/shapes", learning_rate=3e-4, max_steps=7000),
 }
 video_folder = data_dir
 tokenizer_dir = data_dir            # tokenizer.model for the scratch model (then copied into each checkpoint)
@@ -30,16 +30,19 @@ token_config = dict(qformer=dict(hidden_size=64, num_layers=2, intermediate_size
 compress_type = "mean"              # as the released video models: a frame = its context token + one pooled token
 max_len = 512
 
+seed = 2                            # also draws the random EVA, which stays frozen: see the README for other seeds
 global_batch_size = 8
 micro_batch_size = 8
 warmup_ratio = 0.05
-min_lr = 3e-4                       # a constant rate after the warm-up: decaying it stalls the slow visual skills
+lr_schedule = "wsd"                 # the full rate after the warm-up, then a linear cool-down over the last fifth
+cooldown_ratio = 0.2                # to a tenth of it: the time-order questions gain ~10 points in those last steps
+min_lr = 3e-5                       # (a cosine from the start stalls the slow visual skills)
 # (from scratch, a rate of 1e-3 or more never learns to read the visual tokens: the loss falls on the answers'
 # wording alone and the model stays at chance on anything the video decides)
 weight_decay = 0.0
 dropout = 0.0
 gradient_checkpointing = False      # nothing to save at this size; recomputing costs time
 num_workers = 0                     # a worker process fights the 2 training threads for the cores
-cache_videos = True                 # 2,000 clips decoded and resized once (~150 MB): later epochs skip both
+cache_videos = True                 # 4,000 clips decoded and resized once, before training (~300 MB)
 log_interval = 25
 save_interval = 100000              # only the final checkpoint of each stage

@@ -112,6 +112,18 @@ def test_no_sample_loses_its_labels(tmp_path):
             assert len(prompts) == len(s["conversations"]) // 2
 
 
+def test_system_sentence_is_one_piece(tmp_path):
+    """Vicuna's system sentence opens every prompt; the quick start's vocabulary holds it as a single piece, so it
+    costs the tiny LLM one position instead of ~30, and the label arithmetic of the template still holds."""
+    from data import SYSTEM_VICUNA, build_prompt
+    out = make_shapes_dataset(tmp_path, n_train=12, n_val=2, seed=3)
+    tokenizer = Tokenizer(out)
+    assert len(tokenizer.encode(SYSTEM_VICUNA, bos=False)) == 1
+    prompt = build_prompt([("USER", "What happens to the circle?"), ("ASSISTANT", None)], "imgsp_v1")
+    ids = tokenizer.encode(prompt, bos=False)
+    assert tokenizer.decode(ids) == prompt and len(ids) < 20
+
+
 # --- end to end: data, stage 1, stage 2, eval --------------------------------------------------------------
 
 def text_only_accuracy(val):

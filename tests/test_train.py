@@ -198,6 +198,31 @@ def test_cached_videos_are_decoded_once_and_unchanged(fixtures, tmp_path, monkey
         assert torch.equal(g, want)
 
 
+def test_encoded_cache_serves_the_features_of_the_frames(fixtures, tmp_path):
+    """fill_cache decodes every video up front; encode_cache then swaps the frames for what the (frozen) encoder
+    makes of the pixels the uncached dataset gives, and samples carry those features."""
+    frames = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    write_video(tmp_path / "a.mp4", frames, fps=1)
+    write_video(tmp_path / "b.mp4", frames[::-1].copy(), fps=1)
+    conv = [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"},
+            {"from": "human", "value": "z"}, {"from": "gpt", "value": "w"}]  # two turns: two prompts
+    (tmp_path / "d.json").write_text(json.dumps([{"id": i, "video": v, "conversations": conv}
+                                                 for i, v in enumerate(("a.mp4", "b.mp4", "a.mp4"))]))
+    tok = Tokenizer(fixtures / "video")
+    plain = LLaVADataset(tmp_path / "d.json", tok, "imgsp_v1", video_folder=tmp_path, image_size=28)
+    cached = LLaVADataset(tmp_path / "d.json", tok, "imgsp_v1", video_folder=tmp_path, image_size=28,
+                          cache_videos=True)
+    assert cached.fill_cache() == 2 and len(cached.video_cache) == 2
+    weight = torch.randn(5, 3 * 28 * 28)
+    encode = lambda px: (px.flatten(1) @ weight.T)[:, None].expand(-1, 3, -1)  # (N, 1+2, 5)
+    assert cached.encode_cache(encode, videos_per_call=1) == 2
+    for i in range(3):
+        want = encode(plain[i]["media"])
+        assert torch.allclose(cached[i]["media"], want, atol=1e-5)
+        assert torch.equal(cached[i]["input_ids"], plain[i]["input_ids"])
+        assert cached[i]["prompts"] == plain[i]["prompts"] == ["x", "z"]
+
+
 def test_length_grouping_keeps_modalities_apart():
     lengths = [5, -3, 40, -30, 7, 100, -2, 60, 9, -50, 3, 80]
     order = length_grouped_order(lengths, 2, seed=0)

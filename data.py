@@ -595,6 +595,8 @@ class LLaVADataset(torch.utils.data.Dataset):
         tower (~5 % of a quick-start step on a CPU). Samples then carry features as media, which LlamaVID takes in
         place of pixels. Returns the number of videos encoded."""
         from vision import preprocess_frames
+        if self.video_cache is None:
+            return 0
         files = [f for f, v in self.video_cache.items() if isinstance(v, np.ndarray)]
         for i in range(0, len(files), videos_per_call):
             chunk = files[i:i + videos_per_call]

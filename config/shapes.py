@@ -35,7 +35,7 @@ global_batch_size = 8
 micro_batch_size = 8
 warmup_ratio = 0.05
 lr_schedule = "wsd"                 # the full rate after the warm-up, then a linear cool-down over the last fifth
-cooldown_ratio = 0.2                # to a tenth of it: the time-order questions gain ~10 points in those last steps
+cooldown_ratio = 0.2                # to a tenth of it: 1-14 more points on time order in matched runs (README)
 min_lr = 3e-5                       # (a cosine from the start stalls the slow visual skills)
 # (from scratch, a rate of 1e-3 or more never learns to read the visual tokens: the loss falls on the answers'
 # wording alone and the model stays at chance on anything the video decides)
@@ -43,6 +43,6 @@ weight_decay = 0.0
 dropout = 0.0
 gradient_checkpointing = False      # nothing to save at this size; recomputing costs time
 num_workers = 0                     # a worker process fights the 2 training threads for the cores
-cache_videos = True                 # 4,000 clips decoded and resized once, before training (~300 MB)
+cache_videos = True                 # 4,000 clips decoded once before training, kept as EVA's features (~190 MB)
 log_interval = 25
 save_interval = 100000              # only the final checkpoint of each stage

@@ -539,6 +539,9 @@ def movie_message(subtitles, frame_times, question, video_token=2):
 # ==========================================================================================================
 # datasets: the LLaVA-format JSON the original trains on, collation, length grouping
 
+LONG_VIDEO_SUFFIXES = (".safetensors", ".pkl")  # a "video" entry naming a long video's feature cache
+
+
 class LLaVADataset(torch.utils.data.Dataset):
     """Samples of a LLaVA-format JSON list: {"image": file} or {"video": file} (a video, or a feature cache of
     a long video: our .safetensors or a .pkl imported by import_feature_pkl) or text only, with
@@ -562,8 +565,8 @@ class LLaVADataset(torch.utils.data.Dataset):
         self.video_fps, self.max_frames, self.video_token = video_fps, max_frames, video_token
         self.max_len, self.seed = max_len, seed
         # cache_videos: keep each video's decoded frames (uint8, resized to image_size) in memory after its first
-        # read, so later epochs skip decoding and resizing: for small clip sets (the shapes quick start's: ~150 MB),
-        # not for real training data
+        # read, so later epochs skip decoding and resizing (fill_cache reads them all at once, encode_cache swaps
+        # them for a frozen tower's features): for small clip sets like the shapes quick start's, not real data
         self.video_cache = {} if cache_videos else None
 
     def __len__(self):
@@ -577,7 +580,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         if self.video_cache is None:
             return 0
         files = {self.video_folder / s["video"] for s in self.samples if "video" in s} - set(self.video_cache)
-        files = sorted(f for f in files if f.suffix not in (".safetensors", ".pkl"))
+        files = sorted(f for f in files if f.suffix not in LONG_VIDEO_SUFFIXES)
 
         def read(file):
             try:
@@ -632,7 +635,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         if "video" not in sample:
             return None, conv
         file = self.video_folder / sample["video"]
-        if file.suffix in (".safetensors", ".pkl"):  # a long video: cached features + its frame/subtitle text
+        if file.suffix in LONG_VIDEO_SUFFIXES:  # a long video: cached features + its frame/subtitle text
             features, video_input = load_feature_cache(file)
             video_input = video_input.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.video_token)
             for c in conv:
@@ -657,7 +660,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)  # the same sample makes the same prompt on every run
         if media is not None and self.template != "plain_guided":
             conv = image_first(conv)
-        long_video = Path(sample.get("video", "")).suffix in (".safetensors", ".pkl")  # (not cached features)
+        long_video = Path(sample.get("video", "")).suffix in LONG_VIDEO_SUFFIXES  # (encode_cache's are short)
         try:
             ids, labels, prompts = preprocess(conv, self.tokenizer, self.template, has_image=media is not None,
                                               rng=rng, max_len=self.max_len)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FIXTURES = ROOT.parent / "shared" / "fixtures" / "llamavid-tiny"
+DEFAULT_FIXTURES = ROOT / "tests" / "fixtures" / "llamavid-tiny"  # LLAMAVID_FIXTURES overrides it
 
 
 def fixtures_path() -> Path:

@@ -480,10 +480,16 @@ def load_subtitles(srt_path):
             text = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             text = raw.decode("latin-1")
-    cues, cue = [], None
-    for line in text.splitlines():
+    cues, cue, broken = [], None, []
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         time = SRT_TIME.match(line)
+        if time and _srt_seconds(*time.groups()[4:]) < _srt_seconds(*time.groups()[:4]):
+            time = None  # ends before it starts
+        if not time and "->" in line:
+            broken.append(f"line {number}: {line[:60]!r}")
+            cue = None  # its text goes with no cue rather than onto the previous one
+            continue
         if time:
             if cue is not None and cue[2] and cue[2][-1].isdigit():
                 cue[2].pop()  # the next cue's index, written without a blank line before it
@@ -496,6 +502,9 @@ def load_subtitles(srt_path):
     if not cues and text.strip():
         raise ValueError(f"{path} holds no subtitle cues (lines like '00:00:01,500 --> 00:00:03,000'); pass an "
                          f".srt file")
+    if broken:
+        warnings.warn(f"{path}: {len(broken)} subtitle cue(s) skipped, their timestamps are unreadable ("
+                      f"{'; '.join(broken[:3])}); write them as 'HH:MM:SS,mmm --> HH:MM:SS,mmm'")
     subtitles = []
     for start, end, lines in cues:
         words = " ".join(SRT_MARKUP.sub("", line) for line in lines).split()

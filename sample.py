@@ -3,7 +3,9 @@
 python sample.py --model-path DIR (--image F | --video F | --features F) [--question "..."] [--subtitles F.srt]
 """
 import argparse
+import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,15 @@ import torch
 DEFAULT_MODEL = Path("out/shapes")  # the tiny model config/shapes.py trains, used when no --model-path is given
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line reported in one line (exit code 2) instead of the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-path", type=Path, default=None, help="LLaMA-VID checkpoint directory")
     p.add_argument("--vision-path", type=Path, default=None, help="eva_vit_g.pth, if the checkpoint lacks it")
     p.add_argument("--bert-path", type=Path, default=None, help="bert-base-uncased vocab.txt (or its folder)")
@@ -45,13 +54,15 @@ def parse_args(argv=None):
     check_common_args(p, args)
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        p.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     return args
 
 
 def check_common_args(p, args):
     """The checks of the options sample.py and serve.py share."""
-    if not args.fps > 0:
-        p.error(f"--fps must be a positive number of frames per second, got {args.fps}")
+    if not 0 < args.fps < math.inf:
+        p.error(f"--fps must be a positive, finite number of frames per second, got {args.fps}")
     if args.max_frames is not None and args.max_frames < 1:
         p.error(f"--max-frames must be at least 1, got {args.max_frames}")
     if args.max_new_tokens < 1:
@@ -323,25 +334,37 @@ def check_media(args):
         load_subtitles(args.subtitles)
 
 
+def lora_base(lora_dir: Path) -> Path:
+    """The checkpoint a LoRA run names as its base (adapter_config.json's base_model_name_or_path), when that
+    directory exists here; otherwise the user must say it."""
+    from lora import read_adapter_config
+    named = read_adapter_config(lora_dir).get("base_model_name_or_path")
+    if named and (Path(named) / "config.json").is_file():
+        return Path(named)
+    where = f" (its adapter_config.json names {named}, which is not a checkpoint directory here)" if named else ""
+    raise ValueError(f"which checkpoint did the LoRA run {lora_dir} train on?{where} Pass --model-base DIR")
+
+
 def load_model(args, load_vision=True):
     """(model, tokenizer, checkpoint path) as the command line asks: --model-path (or the tiny model in
     out/shapes), a LoRA run merged on load, fused projections on CUDA, --quantize. serve.py loads through it too."""
     from data import Tokenizer
     from model import LlamaVID
-    model_path = args.model_path
-    if model_path is None:
+    model_path, lora_dir, model_base = args.model_path, getattr(args, "lora", None), getattr(args, "model_base", None)
+    if lora_dir is None and model_path is not None and (model_path / "adapter_config.json").exists():
+        lora_dir, model_path = model_path, None  # the original's convention: --model-path LORA --model-base BASE
+    if lora_dir is not None:
+        model_path = model_base or model_path or lora_base(lora_dir)
+    elif model_path is None:
         if not (DEFAULT_MODEL / "config.json").exists():
             raise ValueError("no --model-path given and no trained tiny model in out/shapes "
                              "(train one with: python train.py config/shapes.py)")
         model_path = DEFAULT_MODEL
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    lora_dir, model_base = getattr(args, "lora", None), getattr(args, "model_base", None)
-    if lora_dir is None and (model_path / "adapter_config.json").exists():  # the original's convention
-        lora_dir, model_path = model_path, model_base or model_path
     if lora_dir is not None:
         from lora import load_lora_model
-        base = model_base or model_path
+        base = model_path
         model = load_lora_model(lora_dir, base, vision_path=args.vision_path, bert_path=args.bert_path,
                                 dtype=dtype, device=device, load_vision=load_vision)
         tokenizer = Tokenizer(lora_dir if (lora_dir / "tokenizer.model").exists() else base)
@@ -386,11 +409,16 @@ def main(argv=None):
         if not question:
             return 0
         print("ASSISTANT: ", end="", flush=True)
-        chat.ask(question, args.max_new_tokens, temperature, top_p, stream, debug=args.debug)
+        try:
+            chat.ask(question, args.max_new_tokens, temperature, top_p, stream, debug=args.debug)
+        except ValueError as e:  # e.g. a question too long for what is left of the context: the chat goes on
+            print("\nerror: " + str(e).replace("\n", " "), file=sys.stderr)
+            continue
         print()
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *_: f"warning: {message}\n"  # one line, not the source location
     try:
         sys.exit(main())
     except (FileNotFoundError, PermissionError, ValueError) as e:

@@ -29,19 +29,20 @@ CPU = ["--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max-new
 SUBTITLE = "The red square runs away"
 
 
-def run(*args, stdin=None):
-    """sample.py as a user runs it: (exit code, stdout, stderr)."""
+def run(*args, stdin=None, cwd=ROOT):
+    """sample.py as a user runs it (from the repository, or from another working directory): (exit code, stdout,
+    stderr)."""
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    p = subprocess.run([sys.executable, "sample.py", *map(str, args)], cwd=ROOT, input=stdin, capture_output=True,
-                       env=env, timeout=120)
+    p = subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, input=stdin,
+                       capture_output=True, env=env, timeout=120)
     return p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
 
 
-def run_many(arg_lists):
+def run_many(arg_lists, cwd=ROOT):
     """Several runs at once (each spends most of its time importing torch on one core)."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        return list(pool.map(lambda args: run(*args), arg_lists))
+        return list(pool.map(lambda args: run(*args, cwd=cwd), arg_lists))
 
 
 def config(ckpt: Path) -> dict:
@@ -323,3 +324,83 @@ def test_quantized_answers_run(fixtures, media):
                            "--quantize", mode, *CPU)
         assert rc == 0 and "Traceback" not in err, err
         assert out.strip()
+
+
+def test_bad_options_and_subtitles(fixtures, media, tmp_path):
+    """Numbers that make no sense are refused in one line before anything loads; a subtitle file whose timestamps
+    cannot be read keeps its good cues and warns about the rest (they used to vanish without a word)."""
+    ckpt = fixtures / "video"
+    cases = [(["--fps", "inf"], "--fps"), (["--fps", "nan"], "--fps"), (["--temperature", "nan"], "--temperature"),
+             (["--temperature", "-1"], "--temperature"), (["--temperature", "inf"], "--temperature"),
+             (["--top-p", "nan"], "--top-p"), (["--max-frames", "0"], "--max-frames")]
+    runs = [("--model-path", ckpt, "--video", media / "clip.mp4", "--question", "hi", *CPU, *flags)
+            for flags, _ in cases]
+    for (_, word), result in zip(cases, run_many(runs)):
+        assert_user_error(*result, word)
+
+    srt = tmp_path / "broken.srt"
+    srt.write_text("1\n00:00:00,200 --> 00:00:01,500\nfirst\n\n2\n00:00:02,000 -> 00:00:03,000\nlost\n\n"
+                   "3\n00:00:04,000 --> 00:00:03,000\nbackwards\n\n4\n00:00:05,000 --> 00:00:06,000\nlast\n")
+    with pytest.warns(UserWarning, match=r"2 subtitle cue\(s\) skipped.*line 6.*line 10"):
+        subtitles = load_subtitles(srt)
+    assert [s["text"] for s in subtitles] == ["first", "last"]
+
+
+def test_interactive_chat_survives_a_question_too_long(fixtures, models, media, tmp_path):
+    """A question that does not fit what is left of the context is refused in one line, and the chat goes on."""
+    model, tok = models("video")
+    frames, _ = load_video(media / "clip.mp4", fps=1.0)
+    pixels = preprocess_frames(frames, image_size(fixtures / "video"))
+    ids = tokenize_with_images(build_prompt([("USER", IMAGE_TOKEN + "\nhi"), ("ASSISTANT", None)], "vicuna_v1"), tok)
+    with torch.no_grad():
+        n = model.embed(torch.tensor(ids)[None], [pixels], [["hi"]])[0].shape[1]
+    ckpt = copy_checkpoint(fixtures, "video", tmp_path)
+    cfg = config(ckpt)
+    cfg["max_position_embeddings"], cfg["rope_scaling"] = n + 40, None
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    side = ["--vision-path", fixtures / "eva_vit_g.pth", "--bert-path", fixtures / "bert-base-uncased"]
+    long_question = " ".join(["why"] * 200)
+    rc, out, err = run("--model-path", ckpt, *side, "--video", media / "clip.mp4", *CPU,
+                       stdin=f"{long_question}\nhi\n".encode())
+    assert rc == 0 and "Traceback" not in err, err
+    assert err.count("error:") == 1 and "context" in err
+    assert out.count("ASSISTANT: ") == 2 and out.endswith("USER: ")
+
+
+def test_lora_commands_from_an_empty_directory(fixtures, media, tmp_path):
+    """Every way the README gives a LoRA run (ours: --lora RUN [--model-base BASE]; the original's: --model-path RUN
+    --model-base BASE; the base named in adapter_config.json) answers as the Python API does with that base, run from
+    a directory with no out/ in it."""
+    from lora import LoRAConfig, apply_lora, load_lora_model, save_adapters
+    base = fixtures / "video"
+    model = LlamaVID.from_pretrained(base)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in apply_lora(model, LoRAConfig.tiny(r=4)):
+            p.add_(torch.randn_like(p) * 0.05)
+    lora_run = tmp_path / "lora_run"
+    save_adapters(model, lora_run, LoRAConfig.tiny(r=4), base_model=str(base))
+    (lora_run / "config.json").write_text(json.dumps(model.hf_config))
+    merged = load_lora_model(lora_run, base, vision_path=fixtures / "eva_vit_g.pth",
+                             bert_path=fixtures / "bert-base-uncased")
+    tok = Tokenizer(base)
+    frames, _ = load_video(media / "clip.mp4", fps=1.0)
+    pixels = preprocess_frames(frames, image_size(base))
+    want = api_answer(merged, tok, [("USER", IMAGE_TOKEN + "\n" + QUESTION), ("ASSISTANT", None)], pixels, QUESTION)
+    plain = api_answer(LlamaVID.from_pretrained(base), tok, [("USER", IMAGE_TOKEN + "\n" + QUESTION),
+                                                             ("ASSISTANT", None)], pixels, QUESTION)
+    assert want != plain  # the adapters change the answer, so the base alone cannot pass
+
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    side = ["--video", media / "clip.mp4", "--question", QUESTION, *CPU]
+    forms = [("--lora", lora_run, "--model-base", base), ("--model-path", lora_run, "--model-base", base),
+             ("--model-path", base, "--lora", lora_run), ("--lora", lora_run)]
+    for form, (rc, out, err) in zip(forms, run_many([(*form, *side) for form in forms], cwd=empty)):
+        assert rc == 0, (form, err)
+        assert out == want + "\n", form
+    assert not (empty / "out").exists()
+
+    (lora_run / "adapter_config.json").write_text(json.dumps(
+        {**json.loads((lora_run / "adapter_config.json").read_text()), "base_model_name_or_path": "/nonexistent/base"}))
+    assert_user_error(*run("--lora", lora_run, *side, cwd=empty), "--model-base")

@@ -24,6 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
+from sample import pick_device, pick_dtype
+
 # ----------------------------------------------------------------------------------------------------------
 # questions
 
@@ -1257,6 +1259,18 @@ def print_figures(results, file=None):
             print(f"{name:<{width}}" + "".join(format_figure(row.get(m)) for m in metrics), file=file)
 
 
+def load_model(args):
+    """The model and tokenizer on --device in --dtype (auto: CUDA in bfloat16, then MPS, then the CPU in float32)."""
+    from data import Tokenizer
+    from model import LlamaVID
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    model = LlamaVID.from_pretrained(args.model_path, vision_path=args.vision_path, bert_path=args.bert_path,
+                                     dtype=pick_dtype(args.dtype, device), device=device)
+    return model, Tokenizer(args.model_path)
+
+
 def run_benchmark(args, argv=None):
     """Answer a paper benchmark's questions (resumably, through answer_questions), score them by the
     original's rules, write the server file where there is one, print a table, save every figure as JSON."""
@@ -1267,13 +1281,8 @@ def run_benchmark(args, argv=None):
     if args.score_only:
         runs["normal"] = (args.answers, read_all_answers(args.answers))
     else:
-        from data import Tokenizer
-        from model import LlamaVID
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model = LlamaVID.from_pretrained(args.model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                         device=args.device)
-        tokenizer, mid = Tokenizer(args.model_path), model_id(args.model_path)
+        model, tokenizer = load_model(args)
+        mid = model_id(args.model_path)
         argv = sys.argv[1:] if argv is None else argv
         given = any(a == "--max-new-tokens" or a.startswith("--max-new-tokens=") for a in argv)
         max_new = args.max_new_tokens if given else bench.max_new_tokens
@@ -1336,7 +1345,9 @@ def parse_args(argv=None):
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--vision-path", type=Path, default=None)
     p.add_argument("--bert-path", type=Path, default=None)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto: the first available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA (float16 where it lacks bfloat16), float16 on MPS, float32 on the CPU")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     add_benchmark_args(p)
     args = p.parse_args(argv)
@@ -1349,15 +1360,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.benchmark in BENCHMARKS:
         return run_benchmark(args, argv)
-    from data import Tokenizer
-    from model import LlamaVID
-    if args.threads:
-        torch.set_num_threads(args.threads)
     questions = load_questions(args.questions)  # a bad question file fails before the model loads
     folder = args.media_folder or args.questions.parent
-    model = LlamaVID.from_pretrained(args.model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                     device=args.device)
-    tokenizer = Tokenizer(args.model_path)
+    model, tokenizer = load_model(args)
     mid = model_id(args.model_path)
     answers = args.answers or args.model_path / f"answers_{args.questions.stem}.jsonl"
     runs = {"normal": (answers, contextlib.nullcontext())}

@@ -13,6 +13,7 @@ from xml.etree import ElementTree
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -555,3 +556,22 @@ def test_msvd_run_on_a_video(tmp_path, fixtures):
                   "--out-json", str(tmp_path / "a.json")])
     assert res["normal"]["msvd"]["n"] == 1 and "exact_match" in res["normal"]["msvd"]
     assert json.loads((tmp_path / "a.jsonl").read_text())["question_id"] == "0_0"
+
+
+def test_device_and_dtype_picked_as_sample_does(fixtures, monkeypatch):
+    """--device / --dtype auto: CUDA in bfloat16 where there is a GPU, else the CPU in float32."""
+    import model as model_module
+    got = {}
+    monkeypatch.setattr(model_module.LlamaVID, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: got.update(kw) or "model"))
+    args = E.parse_args(["--model-path", str(fixtures / "image")])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert E.load_model(args)[0] == "model"
+    assert (got["device"], got["dtype"]) == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    E.load_model(args)
+    assert (got["device"], got["dtype"]) == (torch.device("cuda"), torch.bfloat16)
+    E.load_model(E.parse_args(["--model-path", str(fixtures / "image"), "--device", "cpu", "--dtype", "float16"]))
+    assert (got["device"], got["dtype"]) == (torch.device("cpu"), torch.float16)

@@ -11,12 +11,12 @@ import base64
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import json
 import re
 import sys
 import time
 import urllib.request
-import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -792,6 +792,8 @@ def load_mmbench(args, suffix=LETTER_ANSWER):
     """An MMBench TSV (mmbench_dev_20230712.tsv, mmbench_dev_cn_20231003.tsv); every question asked once
     (no --all-rounds, as the original's scripts run it). The Q-Former is guided by the question without
     the letter suffix, which goes to the LLM only. Images are decoded once into <answers>_images/."""
+    if importlib.util.find_spec("openpyxl") is None:  # its server file is an .xlsx: say so before answering
+        raise ValueError("--benchmark mmbench writes the server's .xlsx with openpyxl: pip install openpyxl")
     header, rows = read_tsv(args.questions)
     folder = args.answers.parent / f"{args.answers.stem}_images"
     if not args.score_only:
@@ -829,62 +831,26 @@ def score_mmbench(items, args, answers_path):
 
 def submit_mmbench(items, args, path):
     """convert_mmbench_for_submission.py: the TSV less hint, category, source, image, comment, l2-category,
-    with a "prediction" column inserted 7th, as an .xlsx."""
+    with a "prediction" column inserted 7th, as an .xlsx (one sheet; the index as a number, every other cell
+    as text, an empty or NaN cell left empty, as pandas writes them through openpyxl)."""
+    from openpyxl import Workbook  # an optional extra, checked for by load_mmbench
+    from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
     header = [c for c in items[0]["header"] if c not in MMBENCH_DROPPED]
     header.insert(min(6, len(header)), "prediction")
-    rows = [[q["text"] if c == "prediction" else (None if mmbench_empty(q["raw"].get(c)) else q["raw"].get(c))
-             for c in header] for q in items]
-    write_xlsx(path, header, rows)
-
-
-def write_xlsx(path, header, rows):
-    """A one-sheet .xlsx (Office Open XML, inline strings) without openpyxl: the "index" column as numbers,
-    every other cell as text, None as an empty cell."""
-    def col(i):
-        name = ""
-        while True:
-            i, r = divmod(i, 26)
-            name = chr(65 + r) + name
-            if i == 0:
-                return name
-            i -= 1
-
-    def cell(ref, value, numeric):
-        if value is None:
-            return ""
-        if numeric and re.fullmatch(r"-?\d+", str(value)):
-            return f'<c r="{ref}"><v>{value}</v></c>'
-        text = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", str(value))  # characters XML cannot hold
-        text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        return f'<c r="{ref}" t="inlineStr"><is><t xml:space="preserve">{text}</t></is></c>'
-
-    lines = []
-    for r, values in enumerate([header] + rows, start=1):
-        cells = "".join(cell(f"{col(c)}{r}", v, r > 1 and header[c] == "index") for c, v in enumerate(values))
-        lines.append(f'<row r="{r}">{cells}</row>')
-    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
-    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
-    pkg = "http://schemas.openxmlformats.org/package/2006/relationships"
-    parts = {
-        "[Content_Types].xml":
-            '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-            '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
-            '<Default Extension="xml" ContentType="application/xml"/>'
-            '<Override PartName="/xl/workbook.xml" '
-            'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
-            '<Override PartName="/xl/worksheets/sheet1.xml" '
-            'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>',
-        "_rels/.rels": f'<Relationships xmlns="{pkg}"><Relationship Id="rId1" '
-                       f'Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>',
-        "xl/workbook.xml": f'<workbook xmlns="{main}" xmlns:r="{rel}"><sheets>'
-                           f'<sheet name="Sheet1" sheetId="1" r:id="rId1"/></sheets></workbook>',
-        "xl/_rels/workbook.xml.rels": f'<Relationships xmlns="{pkg}"><Relationship Id="rId1" '
-                                      f'Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
-        "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{main}"><sheetData>{"".join(lines)}</sheetData></worksheet>',
-    }
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, xml in parts.items():
-            z.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + xml)
+    book = Workbook()
+    sheet = book.active
+    sheet.append(header)
+    for q in items:
+        row = []
+        for c in header:
+            value = q["text"] if c == "prediction" else None if mmbench_empty(q["raw"].get(c)) else q["raw"][c]
+            if c == "index" and value is not None and re.fullmatch(r"-?\d+", value):
+                value = int(value)
+            elif isinstance(value, str):
+                value = ILLEGAL_CHARACTERS_RE.sub("", value)  # control characters a sheet cannot hold
+            row.append(value)
+        sheet.append(row)
+    book.save(path)
 
 
 # --- video QA: MSVD-QA, MSRVTT-QA, ActivityNet-QA (model_msvd_qa.py / model_activitynet_qa.py, asked with the

@@ -4,6 +4,8 @@ each answer to a .jsonl as it comes (a rerun skips what is answered), then score
 python eval.py --model-path out/shapes --questions out/shapes_data/val.json --media-folder out/shapes_data
 python eval.py --benchmark pope --model-path DIR --questions llava_pope_test.jsonl --image-folder val2014 \
     --annotations pope/coco --answers out/pope.jsonl          (the paper's benchmarks: see BENCHMARKS)
+python eval.py --benchmark textvqa --score-only --questions llava_textvqa_val_v051_ocr.jsonl \
+    --annotations TextVQA_0.5.1_val.json --answers merge.jsonl    (answers of ours or of the original's scripts)
 """
 import argparse
 import ast
@@ -108,53 +110,86 @@ def model_id(model_path):
     return f"{Path(model_path).name}-{hashlib.sha256(stamp.encode()).hexdigest()[:12]}"
 
 
+def by_id(question_id, prompt):
+    """The key an answer is matched to its question by, for most benchmarks: the question id alone."""
+    return (str(question_id),)
+
+
+def match_answers(questions, records, key=by_id):
+    """Pair answer records with questions as the original's scripts do: by key(question_id, prompt), and where
+    several questions share a key (the two MME questions of an image, LLaVA's TextVQA questions under their
+    image's id) the k-th answer of that key, in file order, answers the k-th such question. An answer to a
+    question already answered replaces the earlier one, as the original's dicts of answers keep the last.
+    Returns the record of each question (None: unanswered), the records that match no question, and the
+    records replaced."""
+    slots = {}
+    for i, q in enumerate(questions):
+        slots.setdefault(key(q["question_id"], q["question"]), []).append(i)
+    placed, taken, extra, replaced = [None] * len(questions), {}, [], []
+    for r in records:
+        k = key(r["question_id"], r.get("prompt"))
+        if k not in slots:
+            extra.append(r)
+            continue
+        n = taken.get(k, 0)
+        i = slots[k][min(n, len(slots[k]) - 1)]
+        if placed[i] is not None:
+            replaced.append(placed[i])
+        placed[i], taken[k] = r, n + 1
+    return placed, extra, replaced
+
+
 def read_answers(path, mid):
-    """Answers already in the .jsonl for these weights (question_id -> record); others are dropped."""
+    """The answer records already in the .jsonl written by these weights, in file order; others are dropped."""
     path = Path(path)
     if not path.is_file():
-        return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = {r["question_id"]: r for r in records if r.get("model_id") == mid}
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [r for r in records if r.get("model_id") == mid]
     if len(kept) != len(records):
         print(f"{path}: {len(records) - len(kept)} answer(s) of other weights dropped", file=sys.stderr)
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept.values()))
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     return kept
 
 
 @torch.no_grad()
 def answer_questions(model, tokenizer, questions, answers_path, media_folder, mid, batch_size=16,
-                     max_new_tokens=32, fps=1.0, max_frames=None, template="vicuna_v1"):
-    """Answer the questions not yet in answers_path, batch by batch, greedily; every batch's answers are
-    appended (and flushed) before the next starts. Returns all records of these weights, in question order."""
+                     max_new_tokens=32, fps=1.0, max_frames=None, template="vicuna_v1", key=by_id):
+    """Answer the questions not yet answered in answers_path (matched as match_answers does), batch by batch,
+    greedily; every batch's answers are appended (and flushed) before the next starts. A record carries the
+    question's id as its file gives it, repeats included, so the original's scorers read the file too.
+    Returns the record of every question, in question order."""
     from data import IMAGE_TOKEN, build_prompt, tokenize_with_images
     from tqdm import tqdm
-    done = read_answers(answers_path, mid)
-    todo = [q for q in questions if q["question_id"] not in done]
+    placed, _, _ = match_answers(questions, read_answers(answers_path, mid), key)
+    todo = [i for i, r in enumerate(placed) if r is None]
     dev, dtype = model.llm.output.weight.device, model.llm.output.weight.dtype
     Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(answers_path, "a") as f, tqdm(total=len(questions), initial=len(questions) - len(todo),
-                                            desc=f"answering ({Path(answers_path).name})", file=sys.stderr) as bar:
+    with open(answers_path, "a", encoding="utf-8") as f, tqdm(total=len(questions), initial=len(questions) - len(todo),
+                                                              desc=f"answering ({Path(answers_path).name})",
+                                                              file=sys.stderr) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             ids, media = [], []
-            for q in batch:
+            for q in (questions[i] for i in batch):
                 pixels = load_media(q, media_folder, model, fps, max_frames)
                 human = q["question"] if pixels is None else f"{IMAGE_TOKEN}\n{q['question']}"
                 ids.append(torch.tensor(tokenize_with_images(build_prompt([("USER", human), ("ASSISTANT", None)],
                                                                           template), tokenizer), device=dev))
                 media.append(None if pixels is None else pixels.to(dev, dtype))
-            guides = [[q.get("guide", q["question"])] for q in batch]  # MMBench guides without its suffix
+            guides = [[questions[i].get("guide", questions[i]["question"])] for i in batch]  # MMBench's: no suffix
             new = model.generate(ids, media, guides, max_new_tokens=max_new_tokens,
                                  temperature=0.0, eos_id=tokenizer.eos_id)
-            for q, row in zip(batch, new.tolist()):
+            for i, row in zip(batch, new.tolist()):
+                q = questions[i]
                 row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
-                record = {"question_id": q["question_id"], "prompt": q["question"], "text": tokenizer.decode(row).strip(),
-                          "answer": q.get("answer"), "type": q.get("type"), "model_id": mid}
-                f.write(json.dumps(record) + "\n")
-                done[q["question_id"]] = record
+                placed[i] = {"question_id": q.get("raw", {}).get("question_id", q["question_id"]),
+                             "prompt": q["question"], "text": tokenizer.decode(row).strip(), "answer": q.get("answer"),
+                             "type": q.get("type"), "model_id": mid}
+                f.write(json.dumps(placed[i]) + "\n")
             f.flush()
             bar.update(len(batch))
-    return [done[q["question_id"]] for q in questions]
+    return placed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,21 +261,10 @@ def with_suffix(text, suffix):
     return text if suffix is None or suffix in text else f"{text}\n{suffix}"
 
 
-def unique_ids(questions):
-    """Make ids unique: the k-th repeat of an id becomes '<id>#k'. LLaVA's MME file gives both questions of an
-    image the image's id, and its TextVQA file gives every question the id of its image."""
-    seen = {}
-    for q in questions:
-        raw = q["question_id"]
-        seen[raw] = seen.get(raw, 0) + 1
-        if seen[raw] > 1:
-            q["question_id"] = f"{raw}#{seen[raw] - 1}"
-    return questions
-
-
 def load_llava_questions(args, suffix=None):
     """A LLaVA eval .jsonl ({"question_id", "image", "text", "category"?} a line), as model_vqa_loader.py
-    reads it; the line itself is kept under "raw" for the scorers."""
+    reads it; the line itself is kept under "raw" for the scorers. Ids may repeat (LLaVA's MME file gives both
+    questions of an image the image's id, its TextVQA file every question the id of its image)."""
     rows = read_json(args.questions, "question file", lines=True)
     out = []
     for n, row in enumerate(rows):
@@ -251,7 +275,7 @@ def load_llava_questions(args, suffix=None):
         if row.get("image"):
             q["image"] = row["image"]
         out.append(q)
-    return unique_ids(out)
+    return out
 
 
 def mean(values):
@@ -363,6 +387,15 @@ def load_textvqa(args):
     return qs
 
 
+def textvqa_key(question_id, prompt):
+    """eval_textvqa.py reads each answer line on its own: its question_id (the image's) and the question parsed
+    from its prompt find the annotation, so that pair is what matches an answer to its question."""
+    if prompt is None:
+        raise ValueError(f"a TextVQA answer (question_id {question_id}) has no 'prompt': eval_textvqa.py needs it to "
+                         "tell the questions of an image apart")
+    return str(question_id), textvqa_question(prompt)
+
+
 def textvqa_question(prompt):
     """The question inside a TextVQA prompt, lower-cased (eval_textvqa.py's prompt_processor)."""
     lines = prompt.split("\n")
@@ -459,11 +492,9 @@ def gqa_answer(text):
 
 def score_gqa(items, args, answers_path):
     """Exact-match accuracy over the balanced questions; binary (verify, logical, compare, choose) and open
-    ('query') questions apart, as GQA's eval.py splits them."""
-    balanced = [q for q in items if q["balanced"]]
-    missing = sum(q["text"] is None for q in balanced)
-    if missing:
-        raise ValueError(f"{missing} GQA question(s) unanswered: GQA's evaluation scores only a complete set")
+    ('query') questions apart, as GQA's eval.py splits them. GQA's eval.py refuses a set with an unanswered
+    balanced question; with --allow-partial we score the answered ones."""
+    balanced = [q for q in items if q["balanced"] and q["text"] is not None]
     right = [(q, gqa_answer(q["text"]) == q["answer"]) for q in balanced]
     rows = {"overall": {"accuracy": 100 * mean(ok for _, ok in right), "n": len(right)}}
     if all(q["structural"] is not None for q in balanced):
@@ -524,15 +555,29 @@ def load_mme(args):
             continue
         # ORIGINAL QUIRK: the .txt is named after the image name up to its FIRST dot
         txt = raw_id.split("/")[-1].split(".")[0] + ".txt"
-        prompt = q["question"].replace(SHORT_ANSWER, "").strip()
-        if "Please answer yes or no." not in prompt:
-            prompt += " Please answer yes or no."
-            if (task, txt, prompt) not in truth:  # some official questions have two spaces before it
-                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
+        prompt = mme_prompt(q["question"])
+        if (task, txt, prompt) not in truth:  # some official questions have two spaces before the request
+            prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
         if (task, txt, prompt) not in truth:
             raise ValueError(f"{args.annotations} has no answer for {task}/{txt}: {prompt!r}")
         q["answer"] = truth[(task, txt, prompt)]
     return qs
+
+
+def mme_prompt(text):
+    """A question as convert_answer_to_mme.py looks it up in MME's .txt files: without the short-answer
+    suffix, with ' Please answer yes or no.' at the end."""
+    text = text.replace("<image>", "").replace(SHORT_ANSWER, "").strip()
+    return text if "Please answer yes or no." in text else text + " Please answer yes or no."
+
+
+def mme_key(question_id, prompt):
+    """convert_answer_to_mme.py reads each answer line on its own: the task and image from its question_id
+    (both questions of an image share it), the question from its prompt; that pair matches an answer."""
+    if prompt is None:
+        raise ValueError(f"an MME answer (question_id {question_id}) has no 'prompt': convert_answer_to_mme.py "
+                         "needs it to tell the two questions of an image apart")
+    return str(question_id), mme_prompt(prompt)
 
 
 def mme_answer(text):
@@ -665,7 +710,7 @@ def load_sqa(args):
         read_sqa_annotations(args)  # fail now, not after answering
     elif any(q.get("answer") is None for q in qs):
         raise ValueError("--benchmark sqa needs --annotations, ScienceQA's folder with problems.json and pid_splits.json")
-    return unique_ids(qs)
+    return qs
 
 
 def read_sqa_annotations(args):
@@ -732,7 +777,7 @@ def load_seed(args):
         a = by_id.get(str(q["raw"]["question_id"]))
         if a is None:
             raise ValueError(f"{args.annotations} has no question {q['raw']['question_id']}")
-        q.update(answer=a["answer"], data_type=a.get("data_type"),
+        q.update(answer=a["answer"], data_type=a.get("data_type"), seed_id=a["question_id"],
                  type=type_name.get(a.get("question_type_id"), a.get("question_type_id")))
     return qs
 
@@ -754,9 +799,11 @@ def score_seed(items, args, answers_path):
 
 
 def submit_seed(items, args, path):
-    """The upload file: {"question_id", "prediction"} a line."""
-    path.write_text("".join(json.dumps({"question_id": q["raw"]["question_id"], "prediction": q["text"]}) + "\n"
-                            for q in items if q["text"] is not None))
+    """The upload file: {"question_id", "prediction"} a line, the id as SEED-Bench.json spells it (a string,
+    where LLaVA's question file has a number)."""
+    lines = [{"question_id": q.get("seed_id", q["raw"]["question_id"]), "prediction": q["text"]}
+             for q in items if q["text"] is not None]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 # --- MMBench / MMBench-CN (model_vqa_mmbench.py --single-pred-prompt + convert_mmbench_for_submission.py)
@@ -815,7 +862,7 @@ def load_mmbench(args, suffix=LETTER_ANSWER):
                    "image": str(image.resolve()), "type": row.get("category"), "options": [o for o, _ in options],
                    "answer": None if mmbench_empty(row.get("answer")) else row["answer"],
                    "raw": {k: v for k, v in row.items() if k != "image"}, "header": header})
-    return unique_ids(qs)
+    return qs
 
 
 def score_mmbench(items, args, answers_path):
@@ -918,14 +965,15 @@ def load_videochatgpt(args):
             keys = ("video_name", "Q1", "Q2", "A") if kind == "consistency" else ("video_name", "Q", "A")
             if not set(keys) <= set(row):
                 raise ValueError(f"{file}, item {n}: needs {', '.join(keys)}")
-            base = f"{kind}/{counted_id(counts, row['video_name'])}"
-            video = find_video(folder, row["video_name"])
+            base = counted_id(counts, f"{kind}/{row['video_name']}")
+            video, name = find_video(folder, row["video_name"]), row["video_name"]
             if kind == "consistency":
                 for i in (1, 2):
                     qs.append({"question_id": f"{base}/{i}", "question": row[f"Q{i}"], "video": video, "answer": row["A"],
-                               "type": kind, "pair": base, "Q1": row["Q1"]})
+                               "type": kind, "pair": base, "Q1": row["Q1"], "video_name": name})
             else:
-                qs.append({"question_id": base, "question": row["Q"], "video": video, "answer": row["A"], "type": kind})
+                qs.append({"question_id": base, "question": row["Q"], "video": video, "answer": row["A"], "type": kind,
+                           "video_name": name})
     return qs
 
 
@@ -1003,6 +1051,37 @@ def consistency_judge_messages(question1, question2, answer, pred1, pred2):
                 keys="the key 'score', whose value is the consistency score as an INTEGER, not a STRING",
                 example="{'score': 4.8}"))
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def video_key(question_id, prompt):
+    """The original's judge scripts take question, reference and answer from each prediction line, never from the
+    question file; matching the question too makes sure we judge what they would."""
+    return str(question_id), prompt
+
+
+def from_video_predictions(records, questions):
+    """The original's video prediction lines as answer records; ours pass unchanged. model_msvd_qa.py and
+    model_activitynet_qa.py write {"id", "question", "answer", "pred"}, and the judge scripts name the k-th line
+    of an id '<id>_<k>' (file order); model_video_chatgpt_general.py writes the benchmark's item with "pred",
+    model_video_chatgpt_consistency.py with "pred1" and "pred2", named '<video_name>_<k>' within each file.
+    A generic and a temporal line look alike: the question tells them apart."""
+    temporal = {(q["video_name"], q["question"]) for q in questions if q.get("type") == "temporal"}
+    generic = {(q["video_name"], q["question"]) for q in questions if q.get("type") == "generic"}
+    counts, out = {}, []
+    for r in records:
+        if "question_id" in r or "pred" not in r and "pred1" not in r:
+            out.append(r)
+        elif "id" in r:
+            out.append({"question_id": counted_id(counts, str(r["id"])), "prompt": r.get("question"), "text": r["pred"]})
+        elif "pred1" in r:
+            base = counted_id(counts, f"consistency/{r.get('video_name')}")
+            out += [{"question_id": f"{base}/{i}", "prompt": r.get(f"Q{i}"), "text": r.get(f"pred{i}")} for i in (1, 2)]
+        else:
+            seen = (r.get("video_name"), r.get("Q"))
+            kind = "temporal" if seen in temporal and seen not in generic else "generic"
+            out.append({"question_id": counted_id(counts, f"{kind}/{r.get('video_name')}"), "prompt": r.get("Q"),
+                        "text": r["pred"]})
+    return out
 
 
 def parse_judgement(reply, need_pred):
@@ -1144,27 +1223,31 @@ def score_videochatgpt(items, args, answers_path):
 class Benchmark:
     """load(args) -> question dicts {question_id, question, guide?, image | video, answer?, type?, ...};
     score(items, args, answers_path) -> {row: {metric: value}} where items are the questions with "text"
-    (the answer, None when unanswered); submit(items, args, path) writes the file the server takes."""
+    (the answer, None when unanswered); submit(items, args, path) writes the file the server takes.
+    key(question_id, prompt) is what matches an answer line to its question (see match_answers); by_position:
+    the original's scorer pairs answers with ground truth by their place in the answers file."""
     load: Callable
     score: Callable
     max_new_tokens: int = 128  # the original's cap (model_vqa_loader.py)
     submit: Optional[Callable] = None
     submission: str = "upload.json"
+    key: Callable = by_id
+    by_position: bool = False
 
 
 BENCHMARKS = {
     # video; answers capped at 512 new tokens, not the original's 1024, so that an hour-long prompt plus the
     # cap stays within the 2048-token context (their answers are far shorter)
-    "msvd": Benchmark(load_msvd, score_video_qa, 512),
-    "msrvtt": Benchmark(load_msvd, score_video_qa, 512),
-    "activitynet": Benchmark(load_activitynet, score_video_qa, 512),
-    "videochatgpt": Benchmark(load_videochatgpt, score_videochatgpt, 512),
+    "msvd": Benchmark(load_msvd, score_video_qa, 512, key=video_key),
+    "msrvtt": Benchmark(load_msvd, score_video_qa, 512, key=video_key),
+    "activitynet": Benchmark(load_activitynet, score_video_qa, 512, key=video_key),
+    "videochatgpt": Benchmark(load_videochatgpt, score_videochatgpt, 512, key=video_key),
     # image
     "gqa": Benchmark(load_gqa, score_gqa, submit=submit_gqa, submission="testdev_balanced_predictions.json"),
-    "mme": Benchmark(load_mme, score_mme),
-    "pope": Benchmark(load_pope, score_pope),
+    "mme": Benchmark(load_mme, score_mme, key=mme_key, by_position=True),  # calculation.py: lines two by two
+    "pope": Benchmark(load_pope, score_pope, by_position=True),  # eval_pope.py: labels by position
     "sqa": Benchmark(load_sqa, score_sqa, 1024),
-    "textvqa": Benchmark(load_textvqa, lambda items, args, path: score_vqa_style(items)),
+    "textvqa": Benchmark(load_textvqa, lambda items, args, path: score_vqa_style(items), key=textvqa_key),
     "vqav2": Benchmark(load_vqav2, lambda items, args, path: score_vqa_style(items), submit=submit_vqav2),
     "vizwiz": Benchmark(load_vizwiz, lambda items, args, path: score_vqa_style(items), submit=submit_vizwiz),
     "mmbench": Benchmark(load_mmbench, score_mmbench, 1024, submit_mmbench, "upload.xlsx"),
@@ -1183,6 +1266,8 @@ def add_benchmark_args(p):
                         "activitynet test_a.json; vqav2 llava_vqav2_mscoco_test2015.jsonl (server file) or an "
                         "official annotation .json (local score); vizwiz an annotation .json (local score)")
     g.add_argument("--score-only", action="store_true", help="score the --answers file; no model is loaded")
+    g.add_argument("--allow-partial", action="store_true",
+                   help="score the answers that match questions even when some match none or some questions have none")
     g.add_argument("--submission", type=Path, default=None,
                    help="the file for the benchmark's server (default: beside the answers)")
     g.add_argument("--judge-url", default=None,
@@ -1194,18 +1279,50 @@ def add_benchmark_args(p):
 
 
 def read_all_answers(path):
-    """Every record of an answers file (the last one of an id wins), whatever weights wrote it."""
+    """Every record of an answers file, in file order, whatever weights wrote it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"answers file {path} does not exist (run without --score-only to make it)")
-    records = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if line.strip():
-            record = json.loads(line)
-            records[str(record["question_id"])] = record
-    if len({r.get("model_id") for r in records.values()}) > 1:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"answers file {path}, line {n + 1}, is not JSON ({e})") from None
+            if not isinstance(records[-1], dict):
+                raise ValueError(f"answers file {path}, line {n + 1}, is not a JSON object")
+    if len({r.get("model_id") for r in records}) > 1:
         print(f"warning: {path} holds answers of several weights", file=sys.stderr)
     return records
+
+
+def place_answers(bench, questions, path, args):
+    """The questions with their answers from the answers file ("text", None where unanswered), and how many
+    are answered. An answer that matches no question, or a question left unanswered, stops the run unless
+    --allow-partial."""
+    records = read_all_answers(path)
+    if bench.key is video_key:  # the video benchmarks also read the original's prediction lines
+        records = from_video_predictions(records, questions)
+    for n, r in enumerate(records):
+        if "question_id" not in r or not isinstance(r.get("text"), str):
+            raise ValueError(f"answers file {path}: answer {n + 1} lacks 'question_id' or 'text' (a line as "
+                             "model_vqa_loader.py writes it, or the original's video prediction line)")
+    placed, extra, replaced = match_answers(questions, records, bench.key)
+    answered = sum(r is not None for r in placed)
+    if (extra or replaced or answered < len(questions)) and not args.allow_partial:
+        first = f" (the first: question_id {extra[0]['question_id']})" if extra else ""
+        raise ValueError(f"{path}: of its {len(records)} answers {len(extra)} match no question of {args.questions}"
+                         f"{first} and {len(replaced)} repeat an answered one, and {len(questions) - answered} of "
+                         f"{len(questions)} questions have no answer; give the answers to this question file, or "
+                         "--allow-partial to score what matches (a repeated answer replaces the earlier)")
+    if bench.by_position:
+        line = {id(r): n for n, r in enumerate(records)}
+        order = [line[id(r)] for r in placed if r is not None]
+        if any(a > b for a, b in zip(order, order[1:])) or answered < len(questions):
+            print(f"warning: {path} does not hold every answer in question order; the original's {args.benchmark} "
+                  "scorer pairs answers with the ground truth by position, so its figures may differ", file=sys.stderr)
+    return [{**q, "text": None if r is None else r["text"]} for q, r in zip(questions, placed)], answered
 
 
 def format_figure(value):
@@ -1243,40 +1360,37 @@ def run_benchmark(args, argv=None):
     bench = BENCHMARKS[args.benchmark]
     args.answers = Path(args.answers or args.model_path / f"answers_{args.benchmark}.jsonl")
     questions = bench.load(args)  # a bad question or annotation file fails before the model loads
-    runs, mid = {}, None
-    if args.score_only:
-        runs["normal"] = (args.answers, read_all_answers(args.answers))
-    else:
+    runs, mid = {"normal": args.answers}, None
+    if not args.score_only:
         model, tokenizer = load_model(args)
         mid = model_id(args.model_path)
         argv = sys.argv[1:] if argv is None else argv
         given = any(a == "--max-new-tokens" or a.startswith("--max-new-tokens=") for a in argv)
         max_new = args.max_new_tokens if given else bench.max_new_tokens
-        hooks = {"normal": (args.answers, contextlib.nullcontext())}
+        hooks = {"normal": contextlib.nullcontext()}
         if args.zero_context:
-            hooks["zero-context"] = (args.answers.with_name(args.answers.stem + "_zero_context.jsonl"), zero_context(model))
-        for name, (path, hook) in hooks.items():
+            runs["zero-context"] = args.answers.with_name(args.answers.stem + "_zero_context.jsonl")
+            hooks["zero-context"] = zero_context(model)
+        for name, hook in hooks.items():
             with hook:
-                records = answer_questions(model, tokenizer, questions, path, media_folder(args), mid,
-                                           args.batch_size, max_new, args.fps, args.max_frames)
-            runs[name] = (path, {r["question_id"]: r for r in records})
-    results = {}
-    for name, (path, records) in runs.items():
-        items = [{**q, "text": records[q["question_id"]].get("text", records[q["question_id"]].get("pred"))
-                  if q["question_id"] in records else None} for q in questions]
-        n = sum(q["text"] is not None for q in items)
-        if n < len(items):
-            print(f"{name}: {len(items) - n} of {len(items)} question(s) unanswered in {path}", file=sys.stderr)
+                answer_questions(model, tokenizer, questions, runs[name], media_folder(args), mid, args.batch_size,
+                                 max_new, args.fps, args.max_frames, key=bench.key)
+    results, answered = {}, {}
+    for name, path in runs.items():
+        items, answered[name] = place_answers(bench, questions, path, args)
         results[name] = bench.score(items, args, path)
-        if name == "normal" and bench.submit is not None and n:
+        if name == "normal" and bench.submit is not None and answered[name]:
             submission = args.submission or args.answers.with_name(f"{args.answers.stem}_{bench.submission}")
             bench.submit(items, args, submission)
             print(f"server file: {submission}")
+    for name, n in answered.items():
+        if n < len(questions):
+            print(f"{name}: PARTIAL, {n} of {len(questions)} questions answered")
     print_figures(results)
     out = args.results or args.answers.with_name(args.answers.stem + "_results.json")
     out.write_text(json.dumps({"benchmark": args.benchmark, "model": None if args.score_only else str(args.model_path),
                                "model_id": mid, "questions": str(args.questions), "answers": str(args.answers),
-                               "n_questions": len(questions), "results": results}, indent=2))
+                               "n_questions": len(questions), "n_answered": answered, "results": results}, indent=2))
     print(f"figures in {out}")
     return results
 

@@ -1,8 +1,10 @@
 """eval.py's paper benchmarks: every scorer on small hand-made files whose figures are worked out by hand here,
-the server files' formats, the judge (a fake OpenAI-compatible server), and resumable answering."""
+with answers files as the original's scripts write them (repeated ids included), the server files' formats, the
+judge (a fake OpenAI-compatible server), and resumable answering."""
 import base64
 import io
 import json
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,9 +27,12 @@ def write_jsonl(path, rows):
     return path
 
 
-def write_answers(path, answers):
-    """An answers file as the runner writes it: {question_id, text} a line."""
-    return write_jsonl(path, [{"question_id": k, "prompt": "", "text": v, "model_id": "m"} for k, v in answers.items()])
+def original_answers(path, rows):
+    """An answers file as the original's model_vqa_loader.py / model_vqa.py write it: one line per question in
+    question order, the question's id as its file gives it (repeats kept), its text as the prompt."""
+    return write_jsonl(path, [{"question_id": qid, "prompt": prompt, "text": text, "answer_id": f"ans{n}",
+                               "model_id": "llama-vid-7b-full-336", "metadata": {}}
+                              for n, (qid, prompt, text) in enumerate(rows)])
 
 
 def score(tmp_path, *argv):
@@ -35,6 +40,14 @@ def score(tmp_path, *argv):
     out = tmp_path / "figures.json"
     E.main(["--score-only", "--out-json", str(out), *map(str, argv)])
     return json.loads(out.read_text())["results"]["normal"]
+
+
+def refused(tmp_path, *argv):
+    """The one-line reason `eval.py --score-only` gives for not scoring an answers file."""
+    with pytest.raises(ValueError) as e:
+        E.main(["--score-only", "--out-json", str(tmp_path / "figures.json"), *map(str, argv)])
+    assert "\n" not in str(e.value)
+    return str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -88,18 +101,27 @@ def test_textvqa(tmp_path):
     ]}
     (tmp_path / "TextVQA_0.5.1_val.json").write_text(json.dumps(ann))
     # LLaVA's file: the image id as question_id (repeated), OCR tokens as a middle line; a 2-line prompt too
-    q = write_jsonl(tmp_path / "q.jsonl", [
-        {"question_id": "img1", "image": "img1.jpg", "text": "What is written?\nReference OCR token: STOP, sign" + SHORT},
-        {"question_id": "img1", "image": "img1.jpg", "text": "what brand?\nReference OCR token: nike" + SHORT},
-        {"question_id": "img2", "image": "img2.jpg", "text": "How many?" + SHORT},
-    ])
-    # the repeated id becomes "img1#1" in our answers file
-    a = write_answers(tmp_path / "a.jsonl", {"img1": "STOP.", "img1#1": "Nike", "img2": "two"})
-    rows = score(tmp_path, "--benchmark", "textvqa", "--questions", q, "--annotations",
-                 tmp_path / "TextVQA_0.5.1_val.json", "--answers", a)
-    # "STOP." -> "stop": 2 humans -> 0.6; "Nike" -> "nike": 5 -> 1.0; "two" -> "2": 3 -> 0.9; mean 2.5/3
-    assert rows["overall"]["accuracy"] == pytest.approx(100 * 2.5 / 3)
-    assert rows["overall"]["n"] == 3
+    lines = [("img1", "What is written?\nReference OCR token: STOP, sign" + SHORT),
+             ("img1", "what brand?\nReference OCR token: nike" + SHORT),
+             ("img2", "How many?" + SHORT)]
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": t} for i, t in lines])
+    argv = ["--benchmark", "textvqa", "--questions", q, "--annotations", tmp_path / "TextVQA_0.5.1_val.json"]
+    # the original's answers file: both img1 lines under the id img1
+    a = original_answers(tmp_path / "a.jsonl", [(i, t, x) for (i, t), x in zip(lines, ["STOP.", "Nike", "two"])])
+    rows = score(tmp_path, *argv, "--answers", a)
+    # eval_textvqa.py: "STOP." -> "stop": 2 humans -> 0.6; "Nike" -> "nike": 5 -> 1.0; "two" -> "2": 3 -> 0.9
+    assert rows["overall"] == pytest.approx({"accuracy": 100 * 2.5 / 3, "n": 3})
+    # it finds each line's annotation by (id, the question in the prompt), so the order of an image's lines
+    # does not matter
+    b = original_answers(tmp_path / "b.jsonl", [(*lines[1], "Nike"), (*lines[0], "STOP."), (*lines[2], "two")])
+    assert score(tmp_path, *argv, "--answers", b)["overall"] == pytest.approx({"accuracy": 100 * 2.5 / 3, "n": 3})
+    # an answer to a question the file does not ask, and one question unanswered: refused, with the counts
+    c = original_answers(tmp_path / "c.jsonl", [(*lines[0], "STOP."), ("img1", "Who?\nReference OCR token: x" + SHORT, "me"),
+                                                (*lines[2], "two")])
+    assert "1 match no question" in refused(tmp_path, *argv, "--answers", c)
+    assert "1 of 3 questions have no answer" in refused(tmp_path, *argv, "--answers", c)
+    # --allow-partial scores the two that match: (0.6 + 0.9) / 2
+    assert score(tmp_path, *argv, "--answers", c, "--allow-partial")["overall"] == pytest.approx({"accuracy": 75.0, "n": 2})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -121,7 +143,7 @@ def test_pope_answer(text, expected):
     assert E.pope_answer(text) == expected
 
 
-def test_pope(tmp_path):
+def test_pope(tmp_path, capsys):
     coco = tmp_path / "coco"
     coco.mkdir()
     write_jsonl(coco / "coco_pope_adversarial.json", [{"label": x} for x in ["yes", "no", "yes", "no"]])
@@ -130,16 +152,18 @@ def test_pope(tmp_path):
     cats = ["adversarial", "random", "adversarial", "adversarial", "random", "adversarial", "random"]
     q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i + 1, "image": "x.jpg", "text": "Is there a dog?" + SHORT,
                                              "category": c} for i, c in enumerate(cats)])
-    a = write_answers(tmp_path / "a.jsonl", {
-        "1": "Yes, there is a dog.",        # adv label yes: yes -> TP
-        "3": "No, there is not.",           # adv label no:  no  -> TN
-        "4": "Not really.",                 # adv label yes: yes ("Not") -> TP
-        "6": "There is a cat. No dog.",     # adv label no:  yes (first sentence) -> FP
-        "2": "NO",                          # random label yes: yes -> TP
-        "5": "I do not see one",            # random label no:  no -> TN
-        "7": "No.",                         # random label yes: no -> FN
-    })
-    rows = score(tmp_path, "--benchmark", "pope", "--questions", q, "--annotations", coco, "--answers", a)
+    texts = {
+        1: "Yes, there is a dog.",        # adv label yes: yes -> TP
+        2: "NO",                          # random label yes: yes -> TP
+        3: "No, there is not.",           # adv label no:  no  -> TN
+        4: "Not really.",                 # adv label yes: yes ("Not") -> TP
+        5: "I do not see one",            # random label no:  no -> TN
+        6: "There is a cat. No dog.",     # adv label no:  yes (first sentence) -> FP
+        7: "No.",                         # random label yes: no -> FN
+    }
+    answers = [(i, "Is there a dog?" + SHORT, t) for i, t in texts.items()]  # integer ids, as LLaVA's file has them
+    argv = ["--benchmark", "pope", "--questions", q, "--annotations", coco]
+    rows = score(tmp_path, *argv, "--answers", original_answers(tmp_path / "a.jsonl", answers))
     # adversarial TP2 FP1 TN1 FN0: acc 3/4, precision 2/3, recall 2/2, F1 2*(2/3)*1/(5/3) = 0.8, yes 3/4
     adv = {"accuracy": 75.0, "precision": 200 / 3, "recall": 100.0, "f1": 80.0, "yes_ratio": 75.0, "n": 4}
     # random TP1 FP0 TN1 FN1: acc 2/3, precision 1/1, recall 1/2, F1 2*1*0.5/1.5 = 2/3, yes 1/3
@@ -148,6 +172,20 @@ def test_pope(tmp_path):
     assert rows["random"] == pytest.approx(rnd)
     avg = {m: (adv[m] + rnd[m]) / 2 for m in adv if m != "n"}  # e.g. F1 (80 + 66.67) / 2 = 73.33
     assert rows["average"] == pytest.approx({**avg, "n": 7})
+
+    # eval_pope.py counts every answer line: a repeated line (chunks concatenated twice) shifts the labels of all
+    # that follow. We refuse it, naming the count.
+    a = original_answers(tmp_path / "b.jsonl", answers[:3] + [answers[2]] + answers[3:])
+    assert "1 repeat an answered one" in refused(tmp_path, *argv, "--answers", a)
+    # question 7 unanswered: refused; --allow-partial scores the rest and says the table is partial
+    a = original_answers(tmp_path / "c.jsonl", answers[:6])
+    assert "1 of 7 questions have no answer" in refused(tmp_path, *argv, "--answers", a)
+    capsys.readouterr()
+    rows = score(tmp_path, *argv, "--answers", a, "--allow-partial")
+    assert rows["random"] == pytest.approx({**rnd, "accuracy": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 50.0,
+                                           "n": 2})  # TP1 TN1 of questions 2, 5
+    assert "normal: PARTIAL, 6 of 7 questions answered" in capsys.readouterr().out
+    assert json.loads((tmp_path / "figures.json").read_text())["n_answered"] == {"normal": 6}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -181,22 +219,32 @@ def test_mme(tmp_path):
              ("existence/0002.jpg", "Is there a car in this image?"), ("existence/0002.jpg", "Is there a bus in this image?"),
              ("artwork/10.jpg", "Is this artwork by Monet?"), ("artwork/10.jpg", "Is this artwork by Dali?"),
              ("code_reasoning/0020.png", "Will the code print 3?"), ("code_reasoning/0020.png", "Will the code print 4?")]
+    # LLaVA's llava_mme.jsonl: both questions of an image under the image's id
     q = write_jsonl(tmp_path / "llava_mme.jsonl", [{"question_id": i, "image": i, "text": t + SHORT,
                                                     "category": i.split("/")[0]} for i, t in lines])
-    a = write_answers(tmp_path / "a.jsonl", {
-        "existence/0001.jpg": "Yes", "existence/0001.jpg#1": "Not sure",        # yes (right), no (right)
-        "existence/0002.jpg": "yes, there is", "existence/0002.jpg#1": "There is no bus",  # yes (right), other
-        "artwork/10.jpg": "Snow", "artwork/10.jpg#1": "No",                     # "no" (wrong), no (right)
-        "code_reasoning/0020.png": "YES", "code_reasoning/0020.png#1": "no",    # both right
-    })
-    rows = score(tmp_path, "--benchmark", "mme", "--questions", q, "--annotations", root, "--answers", a)
-    # existence: 3 of 4 right -> acc 75; images both right: 1 of 2 -> acc+ 50; score 125
-    assert rows["existence"] == pytest.approx({"acc": 75.0, "acc+": 50.0, "score": 125.0, "n": 4})
-    # artwork: 1 of 2 -> 50; 0 of 1 image -> 0; score 50
-    assert rows["artwork"] == pytest.approx({"acc": 50.0, "acc+": 0.0, "score": 50.0, "n": 2})
-    assert rows["code_reasoning"] == pytest.approx({"acc": 100.0, "acc+": 100.0, "score": 200.0, "n": 2})
-    assert rows["perception"] == pytest.approx({"score": 175.0, "n": 6})  # 125 + 50
-    assert rows["cognition"] == pytest.approx({"score": 200.0, "n": 2})
+    texts = ["Yes", "Not sure",                 # existence/0001: yes (right), no (right)
+             "yes, there is", "There is no bus",  # existence/0002: yes (right), other (wrong)
+             "Snow", "No",                      # artwork: "no" (wrong), no (right)
+             "YES", "no"]                       # code_reasoning: both right
+    answers = [(i, t + SHORT, x) for (i, t), x in zip(lines, texts)]
+    argv = ["--benchmark", "mme", "--questions", q, "--annotations", root]
+
+    def check(rows):
+        # existence: 3 of 4 right -> acc 75; images both right: 1 of 2 -> acc+ 50; score 125
+        assert rows["existence"] == pytest.approx({"acc": 75.0, "acc+": 50.0, "score": 125.0, "n": 4})
+        # artwork: 1 of 2 -> 50; 0 of 1 image -> 0; score 50
+        assert rows["artwork"] == pytest.approx({"acc": 50.0, "acc+": 0.0, "score": 50.0, "n": 2})
+        assert rows["code_reasoning"] == pytest.approx({"acc": 100.0, "acc+": 100.0, "score": 200.0, "n": 2})
+        assert rows["perception"] == pytest.approx({"score": 175.0, "n": 6})  # 125 + 50
+        assert rows["cognition"] == pytest.approx({"score": 200.0, "n": 2})
+    check(score(tmp_path, *argv, "--answers", original_answers(tmp_path / "a.jsonl", answers)))
+    # convert_answer_to_mme.py looks each line's truth up by (image, question in the prompt): the two lines of an
+    # image in the other order score the same (calculation.py still takes them as one image's pair)
+    swapped = [answers[1], answers[0]] + answers[2:]
+    check(score(tmp_path, *argv, "--answers", original_answers(tmp_path / "b.jsonl", swapped)))
+    # one question of an image unanswered: refused (calculation.py would pair the wrong lines)
+    assert "1 of 8 questions have no answer" in refused(
+        tmp_path, *argv, "--answers", original_answers(tmp_path / "c.jsonl", answers[1:]))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -227,19 +275,27 @@ def test_sqa(tmp_path):
     q.write_text(json.dumps([dict({"id": k, "conversations": [
         {"from": "human", "value": f"Context: N/A\nQuestion: q{k}?\nOptions: (A) x (B) y\n<image>"},
         {"from": "gpt", "value": "A"}]}, **({"image": f"{k}/{i}"} if i else {})) for k, (_, _, i) in problems.items()]))
-    a = write_answers(tmp_path / "a.jsonl", {
-        "1": "A",                                  # right (IMG)
-        "2": "B. dog",                             # right (IMG)
-        "3": "The answer is C.",                   # right (no image)
-        "4": "C.",                                 # unparsable: wrong (IMG)
+    texts = [
+        ("1", "A"),                                   # right (IMG)
+        ("2", "B. dog"),                              # right (IMG)
+        ("3", "The answer is C."),                    # right (no image)
+        ("4", "C."),                                  # unparsable: wrong (IMG)
         # "5" unanswered: wrong, and left out of IMG (the original's 'Unknown' prompt has no <image>)
-        "6": "The answer is A. The answer is B.",  # two matches: wrong (no image)
-        "7": "E",                                  # past the 2 choices: wrong (IMG)
-        "8": "The answer is B",                    # unparsable: wrong (IMG)
-    })
-    rows = score(tmp_path, "--benchmark", "sqa", "--questions", q, "--annotations", base, "--answers", a)
-    assert rows["overall"] == pytest.approx({"accuracy": 100 * 3 / 8, "n": 8})   # 1, 2, 3 right of 8
-    assert rows["IMG"] == pytest.approx({"accuracy": 100 * 2 / 5, "n": 5})       # 1, 2 right of 1, 2, 4, 7, 8
+        ("6", "The answer is A. The answer is B."),   # two matches: wrong (no image)
+        ("7", "E"),                                   # past the 2 choices: wrong (IMG)
+        ("8", "The answer is B"),                     # unparsable ...
+        ("8", "B"),                                   # ... but a later line of 8 replaces it: right (IMG)
+    ]
+    # model_vqa_science.py's prompt: "<image>\n" before the question where there is an image, the suffix after
+    prompt = lambda k: ("<image>\n" if problems[k][2] else "") + f"Context: N/A\nQuestion: q{k}?\nOptions: (A) x (B) y" \
+        + "\n" + E.LETTER_ANSWER  # noqa: E731
+    a = original_answers(tmp_path / "a.jsonl", [(k, prompt(k), t) for k, t in texts])
+    argv = ["--benchmark", "sqa", "--questions", q, "--annotations", base, "--answers", a]
+    assert "1 repeat an answered one, and 1 of 8 questions have no answer" in refused(tmp_path, *argv)
+    # eval_science_qa.py keeps the last line of an id and counts a problem without one wrong
+    rows = score(tmp_path, *argv, "--allow-partial")
+    assert rows["overall"] == pytest.approx({"accuracy": 100 * 4 / 8, "n": 8})   # 1, 2, 3, 8 right of 8
+    assert rows["IMG"] == pytest.approx({"accuracy": 100 * 3 / 5, "n": 5})       # 1, 2, 8 right of 1, 2, 4, 7, 8
     # the question asked: the letter suffix appended, no image token, images not padded
     args = E.parse_args(["--benchmark", "sqa", "--questions", str(q), "--annotations", str(base)])
     first = E.load_sqa(args)[0]
@@ -267,26 +323,30 @@ def test_gqa(tmp_path):
     (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(
         {k: {"answer": a, "isBalanced": b, "types": {"structural": s}, "question": "?"} for k, (a, b, s) in ann.items()}))
     q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": k, "image": f"{k}.jpg", "text": "?" + SHORT} for k in ann])
-    a = write_answers(tmp_path / "a.jsonl", {
-        "q1": "Yes.",          # "yes": right
-        "q2": "The left.",     # "the left": wrong (no article removal)
-        "q3": "No.",           # right
-        "q4": "Table",         # right
-        "q5": "Blue",          # not balanced: not scored
-        "q6": "Yes, it is.",   # "yes, it is": wrong
-    })
-    rows = score(tmp_path, "--benchmark", "gqa", "--questions", q, "--annotations",
-                 tmp_path / "testdev_balanced_questions.json", "--answers", a)
-    assert rows["overall"] == pytest.approx({"accuracy": 60.0, "n": 5})        # q1 q3 q4 of q1 q2 q3 q4 q6
-    assert rows["binary"] == pytest.approx({"accuracy": 200 / 3, "n": 3})      # q1 q3 of q1 q3 q6
+    texts = [
+        ("q1", "Yes."),          # "yes": right
+        ("q2", "The left."),     # "the left": wrong (no article removal)
+        ("q3", "No."),           # right
+        ("q4", "Table"),         # right
+        ("q5", "Blue"),          # not balanced: not scored
+        ("q6", "Yes, it is."),   # "yes, it is": wrong ...
+        ("q6", "yes"),           # ... but GQA's eval.py keeps the last prediction of an id: right
+    ]
+    a = original_answers(tmp_path / "a.jsonl", [(k, "?" + SHORT, t) for k, t in texts])
+    argv = ["--benchmark", "gqa", "--questions", q, "--annotations", tmp_path / "testdev_balanced_questions.json"]
+    assert "1 repeat an answered one, and 0 of 6" in refused(tmp_path, *argv, "--answers", a)
+    rows = score(tmp_path, *argv, "--answers", a, "--allow-partial")
+    assert rows["overall"] == pytest.approx({"accuracy": 80.0, "n": 5})        # q1 q3 q4 q6 of q1 q2 q3 q4 q6
+    assert rows["binary"] == pytest.approx({"accuracy": 100.0, "n": 3})        # q1 q3 q6 of q1 q3 q6
     assert rows["open"] == pytest.approx({"accuracy": 50.0, "n": 2})           # q4 of q2 q4
     predictions = json.loads((tmp_path / "a_testdev_balanced_predictions.json").read_text())
     assert predictions[:3] == [{"questionId": "q1", "prediction": "yes"}, {"questionId": "q2", "prediction": "the left"},
-                               {"questionId": "q3", "prediction": "no"}] and len(predictions) == 6
-    write_answers(tmp_path / "b.jsonl", {"q1": "yes"})  # GQA's eval refuses an incomplete set
-    with pytest.raises(ValueError, match="unanswered"):
-        score(tmp_path, "--benchmark", "gqa", "--questions", q, "--annotations",
-              tmp_path / "testdev_balanced_questions.json", "--answers", tmp_path / "b.jsonl")
+                               {"questionId": "q3", "prediction": "no"}]
+    assert predictions[5:] == [{"questionId": "q6", "prediction": "yes"}]
+    # GQA's eval.py refuses a set with a balanced question unanswered, and so do we without --allow-partial
+    b = original_answers(tmp_path / "b.jsonl", [("q1", "?" + SHORT, "yes")])
+    assert "5 of 6 questions have no answer" in refused(tmp_path, *argv, "--answers", b)
+    assert score(tmp_path, *argv, "--answers", b, "--allow-partial")["overall"] == pytest.approx({"accuracy": 100.0, "n": 1})
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,45 +359,63 @@ def test_seed(tmp_path):
         {"question_id": "103", "answer": "C", "data_type": "image", "question_type_id": 1},
         {"question_id": "104", "answer": "D", "data_type": "video", "question_type_id": 2}]}
     (tmp_path / "SEED-Bench.json").write_text(json.dumps(ann))
-    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": f"{i}.jpg",
-                                            "text": "What?\nA. a\nB. b\nC. c\nD. d"} for i in ("101", "102", "103", "104")])
-    a = write_answers(tmp_path / "a.jsonl", {"101": "A", "102": "B.", "104": "D"})  # 102: "B." != "B"; 103 unanswered
-    rows = score(tmp_path, "--benchmark", "seed", "--questions", q, "--annotations", tmp_path / "SEED-Bench.json",
-                 "--answers", a)
+    text = "What?\nA. a\nB. b\nC. c\nD. d\n" + E.LETTER_ANSWER
+    # LLaVA's llava-seed-bench.jsonl numbers its ids; SEED-Bench.json spells them as strings
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": text} for i in (101, 102, 103, 104)])
+    # 102: "B." != "B" (exact match), but a later line of 102 replaces it; 103 unanswered
+    a = original_answers(tmp_path / "a.jsonl", [(101, text, "A"), (102, text, "B."), (104, text, "D"), (102, text, "B")])
+    argv = ["--benchmark", "seed", "--questions", q, "--annotations", tmp_path / "SEED-Bench.json", "--answers", a]
+    assert "1 repeat an answered one, and 1 of 4 questions have no answer" in refused(tmp_path, *argv)
+    # convert_seed_for_submission.py: the last line of an id counts, a question without one is wrong
+    rows = score(tmp_path, *argv, "--allow-partial")
     assert rows["Scene Understanding"] == pytest.approx({"accuracy": 50.0, "n": 2})   # 101 of 101, 103
-    assert rows["Instance Identity"] == pytest.approx({"accuracy": 50.0, "n": 2})     # 104 of 102, 104
-    assert rows["image"] == pytest.approx({"accuracy": 100 / 3, "n": 3})              # 101 of 101, 102, 103
+    assert rows["Instance Identity"] == pytest.approx({"accuracy": 100.0, "n": 2})    # 102, 104
+    assert rows["image"] == pytest.approx({"accuracy": 200 / 3, "n": 3})              # 101, 102 of 101, 102, 103
     assert rows["video"] == pytest.approx({"accuracy": 100.0, "n": 1})
-    assert rows["overall"] == pytest.approx({"accuracy": 50.0, "n": 4})
+    assert rows["overall"] == pytest.approx({"accuracy": 75.0, "n": 4})
     upload = [json.loads(line) for line in (tmp_path / "a_upload.jsonl").read_text().splitlines()]
-    assert upload == [{"question_id": "101", "prediction": "A"}, {"question_id": "102", "prediction": "B."},
+    assert upload == [{"question_id": "101", "prediction": "A"}, {"question_id": "102", "prediction": "B"},
                       {"question_id": "104", "prediction": "D"}]
     # the letter suffix is appended to a question that lacks it
+    q = write_jsonl(tmp_path / "bare.jsonl", [{"question_id": 101, "image": "101.jpg", "text": "What?\nA. a\nB. b"}])
     args = E.parse_args(["--benchmark", "seed", "--questions", str(q), "--annotations", str(tmp_path / "SEED-Bench.json")])
-    assert E.load_seed(args)[0]["question"] == "What?\nA. a\nB. b\nC. c\nD. d\n" + E.LETTER_ANSWER
+    assert E.load_seed(args)[0]["question"] == "What?\nA. a\nB. b\n" + E.LETTER_ANSWER
 
 
 # ------------------------------------------------------------------------------------------------------------
-# server files: VQAv2, VizWiz (MMBench below, with the model)
+# VQAv2, VizWiz: server files and local scores (MMBench below)
 
-def test_vqav2_and_vizwiz_submissions(tmp_path):
+def test_vqav2_and_vizwiz(tmp_path):
     q = write_jsonl(tmp_path / "test-dev.jsonl", [{"question_id": 1, "image": "a.jpg", "text": "How many?" + SHORT},
                                                   {"question_id": 2, "image": "b.jpg", "text": "Is it?" + SHORT}])
     full = write_jsonl(tmp_path / "test2015.jsonl", [{"question_id": i, "image": "x.jpg", "text": "?"} for i in (1, 2, 3)])
-    a = write_answers(tmp_path / "a.jsonl", {"1": "Two dogs.", "2": "Yes"})
-    rows = score(tmp_path, "--benchmark", "vqav2", "--questions", q, "--annotations", full, "--answers", a)
-    assert rows["overall"] == {"n": 2}  # nothing to score locally on test-dev
+    # question 1 answered twice: convert_vqav2_for_submission.py keeps the last
+    a = original_answers(tmp_path / "a.jsonl", [(1, "How many?" + SHORT, "Two dogs."), (2, "Is it?" + SHORT, "Yes"),
+                                                (1, "How many?" + SHORT, "Three.")])
+    argv = ["--benchmark", "vqav2", "--questions", q, "--annotations", full, "--answers", a]
+    assert "1 repeat an answered one" in refused(tmp_path, *argv)
+    assert score(tmp_path, *argv, "--allow-partial")["overall"] == {"n": 2}  # nothing to score locally on test-dev
     upload = json.loads((tmp_path / "a_upload.json").read_text())
     # every question of the full test split, ids as integers, answers normalised, "" outside test-dev
-    assert upload == [{"question_id": 1, "answer": "2 dogs"}, {"question_id": 2, "answer": "yes"},
+    assert upload == [{"question_id": 1, "answer": "3"}, {"question_id": 2, "answer": "yes"},
                       {"question_id": 3, "answer": ""}]
+    # scored locally against an official annotation file: "3" matches 3 of 10 humans -> 0.9, "yes" 10 -> 1.0
+    ann = tmp_path / "v2_annotations.json"
+    ann.write_text(json.dumps({"annotations": [
+        {"question_id": 1, "answers": [{"answer": "3"}] * 3 + [{"answer": "2"}] * 7},
+        {"question_id": 2, "answers": [{"answer": "yes"}] * 10}]}))
+    rows = score(tmp_path, "--benchmark", "vqav2", "--questions", q, "--annotations", ann, "--answers", a, "--allow-partial")
+    assert rows["overall"] == pytest.approx({"accuracy": 95.0, "n": 2})
 
-    q = write_jsonl(tmp_path / "vizwiz.jsonl", [{"question_id": "VizWiz_test_00000000.jpg", "image": "VizWiz_test_00000000.jpg",
-                                                 "text": "What is this?" + SHORT}])
-    a = write_answers(tmp_path / "v.jsonl", {"VizWiz_test_00000000.jpg": "Unanswerable."})
-    score(tmp_path, "--benchmark", "vizwiz", "--questions", q, "--answers", a)
-    assert json.loads((tmp_path / "v_upload.json").read_text()) == [
-        {"image": "VizWiz_test_00000000.jpg", "answer": "unanswerable"}]
+    name = "VizWiz_test_00000000.jpg"
+    q = write_jsonl(tmp_path / "vizwiz.jsonl", [{"question_id": name, "image": name, "text": "What is this?" + SHORT},
+                                                {"question_id": "VizWiz_test_00000001.jpg", "image": "VizWiz_test_00000001.jpg",
+                                                 "text": "What colour?" + SHORT}])
+    a = original_answers(tmp_path / "v.jsonl", [(name, "What is this?" + SHORT, "Unanswerable.")])
+    # convert_vizwiz_for_submission.py asserts every question has an answer
+    assert "1 of 2 questions have no answer" in refused(tmp_path, "--benchmark", "vizwiz", "--questions", q, "--answers", a)
+    score(tmp_path, "--benchmark", "vizwiz", "--questions", q, "--answers", a, "--allow-partial")
+    assert json.loads((tmp_path / "v_upload.json").read_text()) == [{"image": name, "answer": "unanswerable"}]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -382,11 +460,13 @@ def judge_server():
 
 
 def test_video_qa_judge(tmp_path, judge_server):
-    (tmp_path / "test_qa.json").write_text(json.dumps([
-        {"video_id": "v1", "question": "what is running?", "id": 7, "answer": "dog"},
-        {"video_id": "v1", "question": "what sits?", "id": 7, "answer": "cat"},     # a repeated id: "7_1"
-        {"video_id": "v2", "question": "what flies?", "id": 9, "answer": "bird"}]))
-    a = write_answers(tmp_path / "a.jsonl", {"7_0": "A dog.", "7_1": "cat", "9_0": "gibberish"})
+    qa = [{"video_id": "v1", "question": "what is running?", "id": 7, "answer": "dog"},
+          {"video_id": "v1", "question": "what sits?", "id": 7, "answer": "cat"},     # a repeated id: "7_1"
+          {"video_id": "v2", "question": "what flies?", "id": 9, "answer": "bird"}]
+    (tmp_path / "test_qa.json").write_text(json.dumps(qa))
+    # model_msvd_qa.py's prediction lines; eval_msvd_qa.py names the k-th line of an id "<id>_<k>"
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": x["id"], "question": x["question"], "answer": x["answer"], "pred": p}
+                                           for x, p in zip(qa, ["A dog.", "cat", "gibberish"])])
     replies = {"A dog.": "{'pred': 'yes', 'score': 4.8}",               # int(4.8) = 4
                "cat": "Here it is: {'pred': 'no', 'score': 2}",        # a dict inside prose is read
                "gibberish": "I cannot judge that."}                    # unparsable: asked 3 times, not cached
@@ -426,8 +506,13 @@ def test_videochatgpt_judge(tmp_path, judge_server):
     (tmp_path / "temporal_qa.json").write_text(json.dumps([{"video_name": "v_a", "Q": "What first?", "A": "He stands, then runs."}]))
     (tmp_path / "consistency_qa.json").write_text(json.dumps([{"video_name": "v_a", "Q1": "What does the man do?",
                                                                "Q2": "Describe the man's action.", "A": "He runs."}]))
-    a = write_answers(tmp_path / "a.jsonl", {"generic/v_a_0": "A man is running.", "temporal/v_a_0": "He runs.",
-                                             "consistency/v_a_0/1": "Running.", "consistency/v_a_0/2": "Walking."})
+    # the three prediction files of model_video_chatgpt_general.py / _consistency.py, one after the other: the
+    # benchmark's items with "pred" (a generic and a temporal line alike), or "pred1" and "pred2"
+    a = write_jsonl(tmp_path / "a.jsonl", [
+        {"video_name": "v_a", "Q": "What happens?", "A": "A man runs.", "pred": "A man is running."},
+        {"video_name": "v_a", "Q": "What first?", "A": "He stands, then runs.", "pred": "He runs."},
+        {"video_name": "v_a", "Q1": "What does the man do?", "Q2": "Describe the man's action.", "A": "He runs.",
+         "pred1": "Running.", "pred2": "Walking."}])
     scores = {"factual accuracy": "{'score': 4}", "detail orientation": "{'score': 3}",
               "contextual understanding": "{'score': 5}", "temporal understanding": "{'score': 2.9}",
               "consistent": "{'score': 1}"}
@@ -443,6 +528,27 @@ def test_videochatgpt_judge(tmp_path, judge_server):
     assert "Predicted Answer to Question 1: Running.\nPredicted Answer to Question 2: Walking." in user
     score(tmp_path, "--benchmark", "videochatgpt", "--questions", tmp_path, "--answers", a, "--judge-url", server.url)
     assert len(server.requests) == 5  # all cached
+
+
+def test_activitynet_predictions(tmp_path):
+    (tmp_path / "test_q.json").write_text(json.dumps([
+        {"video_name": "a", "question_id": "v_a_0", "question": "is it day?"},
+        {"video_name": "a", "question_id": "v_a_0", "question": "what colour is the car?"},  # a repeated id
+        {"video_name": "b", "question_id": "v_b_1", "question": "how many dogs?"}]))
+    (tmp_path / "test_a.json").write_text(json.dumps([  # the answers go with the questions by position
+        {"question_id": "v_a_0", "answer": "yes", "type": 3}, {"question_id": "v_a_0", "answer": "red", "type": 2},
+        {"question_id": "v_b_1", "answer": "2", "type": 4}]))
+    line = lambda i, q, a, p: {"id": i, "question": q, "answer": a, "pred": p}  # noqa: E731  model_activitynet_qa.py's
+    preds = [line("v_a_0", "is it day?", "yes", "Yes."), line("v_a_0", "what colour is the car?", "red", "red"),
+             line("v_b_1", "how many dogs?", "2", "3")]
+    argv = ["--benchmark", "activitynet", "--questions", tmp_path / "test_q.json"]
+    # the k-th line of an id is "<id>_<k>": "Yes." (= "yes"), "red" right, "3" wrong (the judge-free exact match)
+    rows = score(tmp_path, *argv, "--answers", write_jsonl(tmp_path / "a.jsonl", preds))["activitynet"]
+    assert rows == pytest.approx({"n": 3, "exact_match": 200 / 3})
+    # the judge reads question and reference from the line itself: lines of an id in another order than the
+    # question file's would be judged against other questions than ours, so they are refused
+    swapped = write_jsonl(tmp_path / "b.jsonl", [preds[1], preds[0], preds[2]])
+    assert "2 match no question" in refused(tmp_path, *argv, "--answers", swapped)
 
 
 def test_parse_judgement():
@@ -477,14 +583,22 @@ def counting_generate(monkeypatch, fail_after=None):
     return calls
 
 
-def test_resumable_pope_run(tmp_path, fixtures, monkeypatch, capsys):
+RESUMABLE = {  # four questions of one image: POPE's ids are unique, MME's and TextVQA's repeat
+    "pope": lambda i: {"question_id": i, "category": "random", "text": f"Is there a thing {i} in the image?" + SHORT,
+                       "label": "yes" if i % 2 else "no"},
+    "mme": lambda i: {"question_id": f"existence/{i // 2}.png", "category": "existence",
+                      "text": f"Is there a thing {i} in the image?" + SHORT, "answer": "Yes" if i % 2 else "No"},
+    "textvqa": lambda i: {"question_id": f"img{i // 2}", "text": f"What is written {i}?" + SHORT, "answers": ["x"] * 10},
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMABLE))
+def test_resumable_run(name, tmp_path, fixtures, monkeypatch, capsys):
     image_file(tmp_path / "img.png")
-    q = write_jsonl(tmp_path / "pope.jsonl", [{"question_id": i, "image": "img.png", "category": "random",
-                                                "text": f"Is there a thing {i} in the image?" + SHORT,
-                                                "label": "yes" if i % 2 else "no"} for i in range(4)])
+    q = write_jsonl(tmp_path / "q.jsonl", [{**RESUMABLE[name](i), "image": "img.png"} for i in range(4)])
 
     def run(answers):
-        E.main(["--benchmark", "pope", "--model-path", str(fixtures / "image"), "--questions", str(q),
+        E.main(["--benchmark", name, "--model-path", str(fixtures / "image"), "--questions", str(q),
                 "--image-folder", str(tmp_path), "--answers", str(answers), "--batch-size", "1",
                 "--max-new-tokens", "3", "--out-json", str(answers.with_suffix(".json"))])
 
@@ -502,12 +616,18 @@ def test_resumable_pope_run(tmp_path, fixtures, monkeypatch, capsys):
     assert calls["n"] == 2  # only the two unanswered
     read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
     assert read(tmp_path / "cut.jsonl") == read(tmp_path / "full.jsonl")
+    # the question ids as the question file gives them, repeats included, as model_vqa_loader.py writes them
+    assert [r["question_id"] for r in read(tmp_path / "cut.jsonl")] == [RESUMABLE[name](i)["question_id"]
+                                                                        for i in range(4)]
     run(tmp_path / "cut.jsonl")
     assert calls["n"] == 2  # nothing left to answer
     figures = json.loads((tmp_path / "cut.json").read_text())
-    assert figures["benchmark"] == "pope" and figures["n_questions"] == 4
-    assert set(figures["results"]["normal"]["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
-    assert "yes_ratio" in capsys.readouterr().out  # the summary table
+    assert figures["benchmark"] == name and figures["n_questions"] == 4 and figures["n_answered"] == {"normal": 4}
+    assert "PARTIAL" not in capsys.readouterr().out
+    if name == "pope":
+        assert set(figures["results"]["normal"]["random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
+    if name == "mme":
+        assert figures["results"]["normal"]["existence"]["n"] == 4
 
 
 def mmbench_tsv(tmp_path):
@@ -531,6 +651,26 @@ def read_xlsx(path):
     return [list(row) for row in openpyxl.load_workbook(path).active.iter_rows(values_only=True)]
 
 
+def test_mmbench_original_answers_and_xlsx(tmp_path):
+    pytest.importorskip("openpyxl")
+    tsv = mmbench_tsv(tmp_path)
+    # model_vqa_mmbench.py's lines: the TSV's index as question_id (a number), a round_id, the options
+    line = lambda idx, text: {"question_id": idx, "round_id": 0, "prompt": "...", "text": text,  # noqa: E731
+                              "options": ["x"], "option_char": ["A"], "answer_id": "a", "model_id": "m", "metadata": {}}
+    a = write_jsonl(tmp_path / "a.jsonl", [line(10, "A"), line(11, "A."), line(10, "B")])
+    argv = ["--benchmark", "mmbench", "--questions", tsv, "--answers", a]
+    assert "1 repeat an answered one, and 0 of 2" in refused(tmp_path, *argv)
+    # convert_mmbench_for_submission.py sets each line's prediction in turn: the last line of 10 stays
+    rows = score(tmp_path, *argv, "--allow-partial")
+    assert rows["overall"] == pytest.approx({"n": 2, "accuracy_single_pass": 100.0})  # "B" for B, "A." for A
+    cells = read_xlsx(tmp_path / "a_upload.xlsx")
+    # the TSV less hint, category, image, source, l2-category, comment; "prediction" 7th; the index a number;
+    # empty cells (and "None", NaN to pandas) empty, as pandas writes them
+    assert cells == [["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"],
+                     [10, "What is it?", "cat", "dog", "cow", None, "B", "B", "dev"],
+                     [11, "Is it?", "yes", None, "no", None, "A.", "A", "dev"]]
+
+
 def test_mmbench_without_openpyxl(tmp_path, monkeypatch):
     """The server file needs openpyxl, an optional extra: without it, one line with the install hint, before
     any answering."""
@@ -552,12 +692,8 @@ def test_mmbench_run_and_xlsx(tmp_path, fixtures, monkeypatch):
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     assert records[0]["prompt"] == "What is it?\nA. cat\nB. dog\nC. cow\n" + E.LETTER_ANSWER
     cells = read_xlsx(tmp_path / "mm_upload.xlsx")
-    texts = ["".join(c for c in r["text"] if c >= " " or c in "\t\n\r") or None for r in records]  # a sheet can't hold
-    # the TSV less hint, category, image, source, l2-category, comment; "prediction" 7th; the index a number;
-    # empty cells (and "None", NaN to pandas) empty, as pandas writes them
-    assert cells == [["index", "question", "A", "B", "C", "D", "prediction", "answer", "split"],
-                     [10, "What is it?", "cat", "dog", "cow", None, texts[0], "B", "dev"],
-                     [11, "Is it?", "yes", None, "no", None, texts[1], "A", "dev"]]
+    text = "".join(c for c in records[0]["text"] if c >= " " or c in "\t\n\r")  # control characters a sheet can't hold
+    assert cells[1] == [10, "What is it?", "cat", "dog", "cow", None, text or None, "B", "dev"]
 
 
 def test_msvd_run_on_a_video(tmp_path, fixtures):
@@ -590,3 +726,20 @@ def test_device_and_dtype_picked_as_sample_does(fixtures, monkeypatch):
     assert (got["device"], got["dtype"]) == (torch.device("cuda"), torch.bfloat16)
     E.load_model(E.parse_args(["--model-path", str(fixtures / "image"), "--device", "cpu", "--dtype", "float16"]))
     assert (got["device"], got["dtype"]) == (torch.device("cpu"), torch.float16)
+
+
+def test_command_line_refuses_a_partial_answers_file(tmp_path):
+    """`python eval.py --score-only` on answers that do not cover the questions: one line, exit code 2."""
+    q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": "x.jpg", "text": "Is it?" + SHORT,
+                                             "category": "random", "label": "yes"} for i in (1, 2, 3)])
+    a = original_answers(tmp_path / "a.jsonl", [(1, "Is it?" + SHORT, "Yes"), (2, "Is it?" + SHORT, "No"),
+                                                (9, "Is it?" + SHORT, "Yes")])
+    argv = [sys.executable, str(Path(E.__file__)), "--benchmark", "pope", "--score-only", "--questions", str(q),
+            "--answers", str(a), "--out-json", str(tmp_path / "f.json")]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ")
+    assert "of its 3 answers 1 match no question" in done.stderr and "1 of 3 questions have no answer" in done.stderr
+    done = subprocess.run(argv + ["--allow-partial"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "normal: PARTIAL, 2 of 3 questions answered" in done.stdout

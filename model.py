@@ -2,6 +2,8 @@
 into its prompt, checkpoint loading from the original HF directories, and generation."""
 import json
 import math
+import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +45,23 @@ class LLaMAConfig:
         return int(self.max_seq_len * factor)
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "LLaMAConfig":
-        """From a transformers LlamaConfig dict (config.json)."""
-        heads = hf["num_attention_heads"]
+    def from_hf(cls, hf: dict, source="config.json") -> "LLaMAConfig":
+        """From a transformers LlamaConfig dict (config.json); source names the file in error messages."""
+        check_config(hf, source)
+
+        def need(key):
+            if hf.get(key) is None:
+                raise ValueError(f"{source} has no {key!r}: not the config.json of a LLaMA checkpoint")
+            return hf[key]
+        dim, heads = need("hidden_size"), need("num_attention_heads")
+        kv_heads = hf.get("num_key_value_heads") or heads
+        if dim % heads or heads % kv_heads:
+            raise ValueError(f"{source}: hidden_size {dim}, num_attention_heads {heads} and num_key_value_heads "
+                             f"{kv_heads} do not divide evenly; the file is damaged or not a LLaMA config")
         rope = hf.get("rope_parameters") or {}  # transformers >= 5 writes rope settings here
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                   n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-                   hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-5),
+        return cls(vocab_size=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"), n_heads=heads,
+                   n_kv_heads=kv_heads, hidden_dim=need("intermediate_size"), norm_eps=hf.get("rms_norm_eps", 1e-5),
                    rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
                    max_seq_len=hf.get("max_position_embeddings", 4096))
 
@@ -61,6 +72,38 @@ class LLaMAConfig:
 
 VICUNA_7B = LLaMAConfig()
 VICUNA_13B = LLaMAConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
+
+# config.json fields the loaders read and what each must hold when present (null counts as absent): a wrong type
+# would otherwise surface deep inside a constructor
+CONFIG_FIELDS = {
+    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
+    "num_key_value_heads": int, "intermediate_size": int, "max_position_embeddings": int, "rms_norm_eps": float,
+    "rope_theta": float, "rope_scaling": dict, "rope_parameters": dict, "mm_hidden_size": int, "video_token": int,
+    "qformer_num_heads": int, "image_processor": str, "mm_vision_tower": str, "compress_type": str,
+    "bert_type": str, "mm_projector_type": str, "mm_vision_select_feature": str,
+}
+_WANT = {int: "a positive integer", float: "a positive number", str: "a string", dict: "an object"}
+
+
+def _field_ok(value, kind) -> bool:
+    if kind in (int, float):
+        number = (int,) if kind is int else (int, float)
+        return isinstance(value, number) and not isinstance(value, bool) and 0 < value < math.inf
+    return isinstance(value, kind)
+
+
+def check_config(hf, source="config.json"):
+    """Raise a one-line ValueError naming source and the field when a config.json field has the wrong type."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source} holds a JSON {type(hf).__name__}, not an object: not a checkpoint config")
+    fields = [(key, hf.get(key), kind) for key, kind in CONFIG_FIELDS.items()]
+    for group in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf.get(group), dict):
+            fields += [(f"{group}.{k}", hf[group].get(k), float) for k in ("factor", "rope_theta")]
+    for key, value, kind in fields:
+        if value is not None and not _field_ok(value, kind):
+            raise ValueError(f"{source}: {key!r} is {json.dumps(value)[:60]}, expected {_WANT[kind]}; "
+                             "the file is damaged or was edited by hand: fix it or fetch it again")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,11 +358,12 @@ class LLaMA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "LLaMA":
-        """Load an HF LLaMA / Vicuna checkpoint directory (config.json + .bin / sharded .bin / .safetensors)."""
-        path = Path(path)
+        """Load an HF LLaMA / Vicuna checkpoint directory (config.json + .bin / sharded .bin / .safetensors), or
+        a Hugging Face Hub id (see checkpoint_dir)."""
+        path = checkpoint_dir(path)
         hf = read_config(path)
         with torch.device("meta"):
-            model = cls(LLaMAConfig.from_hf(hf))
+            model = cls(LLaMAConfig.from_hf(hf, source=path / "config.json"))
         load_weights(model, path, lambda key: hf_to_ours(key), dtype=dtype, device=device)
         model.inv_freq = model._inv_freq(device)
         return model.eval()
@@ -376,9 +420,11 @@ def read_config(path: Path) -> dict:
     if not cfg.exists():
         raise FileNotFoundError(f"{cfg} is missing: a checkpoint directory needs the config.json it was saved with")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg} is not valid JSON ({e})") from None
+    check_config(hf, cfg)
+    return hf
 
 
 def checkpoint_files(path: Path) -> list:
@@ -404,24 +450,50 @@ def checkpoint_files(path: Path) -> list:
                             "pytorch_model.bin.index.json, or *.safetensors")
 
 
-def iter_tensors(file: Path) -> Iterator:
-    """(name, tensor) pairs of one weight file. Pickles are read with weights_only=True: no code runs."""
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def load_pickle(file: Path):
+    """torch.load of a .bin / .pth file with weights_only=True: tensors and plain containers, and no code runs.
+    A file that cannot be read this way is a one-line ValueError that says why: truncated or foreign, or holding
+    pickled objects other than tensors (a pickle may run any code when loaded: such a file is refused)."""
     try:
-        if file.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-            return
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap" not in str(e):
                 raise
-            state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        # the weights-only unpickler stops at the first global, call or object it does not allow; other
+        # unpickling errors are damaged data
+        found = re.search(r"GLOBAL (\S+)|unrecognized function (\S+)|got (<class \S+)|module (\S+) is blocked", str(e))
+        if found:
+            what = next(g for g in found.groups() if g).strip("'>,.").removeprefix("<class '")
+            raise ValueError(f"{file} holds pickled Python objects other than tensors ({what}), which could run "
+                             "code when loaded: it was not loaded. Use a checkpoint from a trusted source") from None
+        raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
+                         "checkpoint, download it again") from None
     except Exception as e:  # a truncated or foreign file: say which one, not where in torch it broke
-        raise ValueError(f"cannot read weight file {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}; "
-                         "the file is truncated or not a checkpoint, download it again") from None
+        raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
+                         "checkpoint, download it again") from None
+
+
+def iter_tensors(file: Path) -> Iterator:
+    """(name, tensor) pairs of one weight file. Pickles are read with weights_only=True: no code runs."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:  # one tensor at a time, so a shard is never held whole in memory beside the model
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except Exception as e:
+            raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
+                             "checkpoint, download it again") from None
+        return
+    state = load_pickle(file)
     if not isinstance(state, dict):
         raise ValueError(f"{file} does not hold a state dict (found {type(state).__name__})")
     if "model" in state and isinstance(state["model"], dict):  # LAVIS style {'model': {...}}
@@ -740,15 +812,21 @@ class LlamaVID(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir, vision_path=None, bert_path=None, dtype=torch.float32, device="cpu",
-                        load_vision: bool = True) -> "LlamaVID":
-        """Load an original LLaMA-VID checkpoint directory; every released variant is told apart by config.json.
+                        load_vision: bool = True, download: Optional[bool] = None) -> "LlamaVID":
+        """Load an original LLaMA-VID checkpoint directory, or a released one by its Hugging Face Hub id
+        ("YanweiLi/llama-vid-7b-full-224-video-fps-1", see checkpoint_dir); every released variant is told apart
+        by config.json.
 
         Vision weights come from the directory when it holds them (the long-video model), else from the first
-        of: vision_path, eva_vit_g.pth in the directory, eva_vit_g.pth beside it, config.json's mm_vision_tower.
+        of: vision_path, eva_vit_g.pth in the directory, eva_vit_g.pth beside it, config.json's mm_vision_tower,
+        the download cache (vision.eva_cache_path). download: fetch the EVA weights and bert-base-uncased's
+        vocab.txt when they are found nowhere locally (default: when model_dir is a Hub id).
         """
         from tokens import VisualTokenizer
         from vision import EVAViT
-        model_dir = Path(model_dir)
+        if download is None:
+            download = is_hub_id(model_dir)
+        model_dir = checkpoint_dir(model_dir)
         hf = read_config(model_dir)
         for key in ("mm_hidden_size", "hidden_size", "vocab_size"):
             if key not in hf:
@@ -757,7 +835,7 @@ class LlamaVID(nn.Module):
         if not tokenizer_file.exists():
             raise FileNotFoundError(f"{tokenizer_file} is missing: a LLaMA-VID checkpoint directory needs the "
                                     "SentencePiece tokenizer.model it was trained with")
-        vocab = find_bert_vocab(model_dir, bert_path)
+        vocab = find_bert_vocab(model_dir, bert_path, download=download)
         llm, side = load_llm_and_rest(model_dir, hf, dtype, device)
         if not side["tokens"]:
             raise ValueError(f"{model_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
@@ -768,7 +846,7 @@ class LlamaVID(nn.Module):
         vision = None
         if load_vision:
             from vision import image_size_from_config
-            source = side["vision"] or find_vision_weights(model_dir, hf, vision_path)
+            source = side["vision"] or find_vision_weights(model_dir, hf, vision_path, download=download)
             vision = EVAViT.from_lavis(source, img_size=image_size_from_config(hf), dtype=dtype, device=device)
             if vision.cfg.width != hf["mm_hidden_size"]:
                 raise ValueError(f"vision weights are {vision.cfg.width} wide but {model_dir}/config.json has "
@@ -780,7 +858,7 @@ def load_llm_and_rest(path: Path, hf: dict, dtype, device):
     """The LLM of a checkpoint directory, loaded shard by shard, and the rest of its tensors set aside by owner:
     side["vision"] (model.vision_tower.vision_tower.*) and side["tokens"] (model.vlm_att_*, model.mm_projector.*)."""
     with torch.device("meta"):
-        llm = LLaMA(LLaMAConfig.from_hf(hf))
+        llm = LLaMA(LLaMAConfig.from_hf(hf, source=Path(path) / "config.json"))
     side = {"vision": {}, "tokens": {}}
 
     def rename(key):
@@ -794,34 +872,141 @@ def load_llm_and_rest(path: Path, hf: dict, dtype, device):
     return llm, side
 
 
-def find_vision_weights(model_dir: Path, hf: dict, vision_path=None) -> Path:
-    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order."""
+def find_vision_weights(model_dir: Path, hf: dict, vision_path=None, download: bool = False) -> Path:
+    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order; with download, fetched
+    once into vision.eva_cache_path() when found nowhere (never when HF_HUB_OFFLINE is set)."""
+    from vision import download_eva_weights, eva_cache_path, eva_url
     candidates = [Path(vision_path)] if vision_path else []
     candidates += [model_dir / "eva_vit_g.pth", model_dir.parent / "eva_vit_g.pth"]
     if hf.get("mm_vision_tower"):
         candidates.append(Path(hf["mm_vision_tower"]))  # relative to the working directory, as the original
+    candidates.append(eva_cache_path())
     for c in candidates:
         if c.is_file():
             return c
     if vision_path:
         raise FileNotFoundError(f"vision weights {vision_path} do not exist")
+    if download and not hub_offline():
+        return download_eva_weights()
     raise FileNotFoundError("EVA-ViT-g weights (eva_vit_g.pth) not found; looked in: "
-                            + ", ".join(str(c) for c in candidates) + ". Pass --vision-path eva_vit_g.pth")
+                            + ", ".join(str(c) for c in candidates) + ". Pass --vision-path eva_vit_g.pth, or "
+                            f"download {eva_url()} to {eva_cache_path()}"
+                            + (" (HF_HUB_OFFLINE is set: nothing is downloaded)" if download else ""))
 
 
-def find_bert_vocab(model_dir: Path, bert_path=None) -> Path:
-    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it)."""
-    import os
+BERT_ID = "bert-base-uncased"  # the Q-Former's WordPiece vocabulary, on the Hugging Face Hub
+
+
+def find_bert_vocab(model_dir: Path, bert_path=None, download: bool = False) -> Path:
+    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it); with download, fetched
+    from the Hugging Face Hub into its cache when found nowhere locally."""
     candidates = []
     if bert_path:
         p = Path(bert_path)
         candidates.append(p / "vocab.txt" if p.is_dir() else p)
-    candidates += [model_dir / "vocab.txt", model_dir.parent / "bert-base-uncased" / "vocab.txt"]
-    hub = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-    candidates += sorted(hub.glob("models--bert-base-uncased/snapshots/*/vocab.txt"))
+    candidates += [model_dir / "vocab.txt", model_dir.parent / BERT_ID / "vocab.txt"]
+    candidates += sorted(hf_cache_dir().glob(f"models--{BERT_ID}/snapshots/*/vocab.txt"))
     for c in candidates:
         if c.is_file():
             return c
+    if download:
+        return hub_download(BERT_ID, "vocab.txt")
     raise FileNotFoundError("the Q-Former's WordPiece vocabulary (bert-base-uncased vocab.txt) was not found; "
                             "looked in: " + ", ".join(str(c) for c in candidates) + ". Download bert-base-uncased's "
                             "vocab.txt and pass --bert-path, or put it in the checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# released checkpoints by Hugging Face Hub id. huggingface_hub is optional: imported only when an id is given.
+# Its environment variables apply: HF_HOME / HF_HUB_CACHE (where files go), HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN.
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+# what a checkpoint directory needs; a repository's other files (training_args.bin, optimizer states, checkpoints
+# in subfolders) are never fetched
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer.model",
+             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "adapter_config.json",
+             "vocab.txt"]
+HUB_SKIP = ["*/*", "training_args.bin", "optimizer*", "scheduler*", "rng_state*"]
+
+
+def is_hub_id(path_or_id) -> bool:
+    """'owner/name' that is no existing local path."""
+    return (isinstance(path_or_id, (str, Path)) and bool(HUB_ID.fullmatch(str(path_or_id)))
+            and not Path(path_or_id).exists())
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub places it: $HF_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub or ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return Path(home).expanduser() / "hub"
+
+
+def checkpoint_dir(path_or_id) -> Path:
+    """The local directory a --model-path names. An existing path stays as it is; 'owner/name' that is no local
+    path is a Hugging Face Hub id: the files a checkpoint needs (HUB_FILES) are fetched into the HF cache, once,
+    and the cached snapshot's directory is returned (from the cache alone when HF_HUB_OFFLINE is set)."""
+    if not is_hub_id(path_or_id):
+        return Path(path_or_id)
+    repo_id = str(path_or_id)
+    folder = hub_download(repo_id, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no config.json: not a model checkpoint")
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # checkpoint_files says what is wrong with it
+        missing = sorted(str(n) for n in shards if not (folder / str(n)).is_file())
+        if missing:
+            raise FileNotFoundError(f"{repo_id}: {index.name} lists {', '.join(missing)}, which the Hub repository "
+                                    f"(or its cached copy in {folder}) lacks; the checkpoint is incomplete")
+    return folder
+
+
+def hub_download(repo_id: str, filename: Optional[str] = None, **snapshot_kw) -> Path:
+    """One file (hf_hub_download) or a filtered snapshot (snapshot_download) of a Hub model, through the HF cache
+    with huggingface_hub's progress bars. Its errors become one line naming the id and what to do."""
+    try:
+        import huggingface_hub as hub
+        from huggingface_hub import constants, errors
+    except ImportError:
+        raise ValueError(f"{repo_id} is not a local path, so it is read as a Hugging Face Hub id, which needs "
+                         "huggingface_hub: pip install -U huggingface_hub") from None
+    what = f"{filename} of {repo_id}" if filename else repo_id
+
+    def err(*names):  # the error classes of this huggingface_hub version (an empty tuple matches nothing)
+        return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+    try:
+        if filename:
+            return Path(hub.hf_hub_download(repo_id, filename))
+        return Path(hub.snapshot_download(repo_id, **snapshot_kw))
+    except err("GatedRepoError"):
+        raise ValueError(f"{repo_id} is gated on the Hugging Face Hub: accept its terms on its page, then log in "
+                         "(hf auth login or HF_TOKEN)") from None
+    except err("RepositoryNotFoundError"):
+        raise ValueError(f"{repo_id} is neither a local directory nor a model on the Hugging Face Hub "
+                         f"({constants.ENDPOINT}): check the name (a private model needs hf auth login)") from None
+    except err("RevisionNotFoundError"):
+        raise ValueError(f"{repo_id} on the Hugging Face Hub has no main revision") from None
+    except err("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # not cached, and no Hub to ask
+        cache = constants.HF_HUB_CACHE
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(f"{what} is not (completely) in the Hugging Face cache {cache} and HF_HUB_OFFLINE "
+                                    "is set: run once with network access to fetch it") from None
+        raise FileNotFoundError(f"{what}: the Hugging Face Hub ({constants.ENDPOINT}) could not be reached and "
+                                f"the cache {cache} has no complete copy; check the network connection (and "
+                                "HF_ENDPOINT), or give a local directory") from None
+    except err("EntryNotFoundError"):
+        raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no {filename or 'such file'}") from None
+    except err("HfHubHTTPError", "FileMetadataError") as e:
+        raise FileNotFoundError(f"could not fetch {what} from the Hugging Face Hub ({_first_line(e)}); "
+                                "try again later") from None
+    except err("HFValidationError"):
+        raise ValueError(f"{repo_id} is neither a local path nor a valid Hugging Face Hub id") from None

@@ -101,8 +101,10 @@ def test_every_variant_loads_by_config_alone(fixtures):
         assert model.image_size == int(opts["image_processor"].rsplit("-", 1)[-1])
 
 
-def test_checkpoint_errors(fixtures, tmp_path):
+def test_checkpoint_errors(fixtures, tmp_path, monkeypatch):
     import shutil
+    monkeypatch.setenv("LLAMAVID_CACHE", str(tmp_path / "cache"))  # no downloaded EVA weights to find
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # nor a cached bert-base-uncased
     src = fixtures / "video"
     bad = tmp_path / "ckpt"
     shutil.copytree(src, bad)
@@ -165,3 +167,48 @@ def test_a_mixed_batch_gives_each_sample_its_own_tokens(fixtures):
         together = model.embed([i for i, _, _ in samples], [m for _, m, _ in samples], [p for _, _, p in samples])[0]
     for b, want in enumerate(alone):
         assert_close(together[b, :len(want)], want, 1e-5)
+
+
+class _RunsCode:
+    """Pickles as a call of exec: loading a file holding it with plain pickle would run the code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def _checkpoint_copy(fixtures, tmp_path, name="video"):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(fixtures / name, ckpt)
+    return ckpt, dict(vision_path=fixtures / "eva_vit_g.pth", bert_path=fixtures / "bert-base-uncased")
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "abc"), ("num_hidden_layers", 2.5), ("vocab_size", None),
+                                          ("mm_hidden_size", [176]), ("rope_scaling", {"type": "linear", "factor": "x"})])
+def test_config_field_of_wrong_type_is_one_line(fixtures, tmp_path, field, value):
+    ckpt, paths = _checkpoint_copy(fixtures, tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        LlamaVID.from_pretrained(ckpt, **paths)
+    msg = str(e.value)
+    assert str(ckpt / "config.json") in msg and field in msg and "\n" not in msg
+
+
+def test_shard_whose_pickle_would_run_code_is_refused(fixtures, tmp_path):
+    ckpt, paths = _checkpoint_copy(fixtures, tmp_path)
+    marker = tmp_path / "code-ran"
+    shard = sorted(ckpt.glob("pytorch_model-*.bin"))[1]
+    state = torch.load(shard, weights_only=True)
+    state["model.extra"] = _RunsCode(marker)
+    torch.save(state, shard)
+    with pytest.raises(ValueError) as e:
+        LlamaVID.from_pretrained(ckpt, **paths)
+    msg = str(e.value)
+    assert not marker.exists()
+    assert str(shard) in msg and "\n" not in msg
+    assert "not loaded" in msg and "truncated" not in msg.replace(str(shard), "")

@@ -241,3 +241,35 @@ def test_wrong_pixel_size_is_a_clear_error(fixtures):
     tower = _tower(str(fixtures / "eva_vit_g.pth"), 224)
     with pytest.raises(ValueError, match="224"):
         tower(torch.zeros(1, 3, 336, 336))
+
+
+class _RunsCode:
+    """Pickles as a call of exec: loading a file holding it with plain pickle would run the code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_truncated_or_code_carrying_weights_are_one_line(fixtures, tmp_path):
+    data = (fixtures / "eva_vit_g.pth").read_bytes()
+    cut = tmp_path / "eva_vit_g.pth"
+    cut.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError) as e:
+        EVAViT.from_lavis(cut)
+    assert str(cut) in str(e.value) and "truncated" in str(e.value) and "\n" not in str(e.value)
+
+    marker = tmp_path / "code-ran"
+    poisoned = tmp_path / "poisoned" / "eva_vit_g.pth"
+    poisoned.parent.mkdir()
+    for legacy in (False, True):  # the zip format torch writes today, and the older plain pickle
+        sd = dict(torch.load(fixtures / "eva_vit_g.pth", weights_only=True), extra=_RunsCode(marker))
+        torch.save(sd, poisoned, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(ValueError) as e:
+            EVAViT.from_lavis(poisoned)
+        msg = str(e.value)
+        assert not marker.exists()
+        assert str(poisoned) in msg and "\n" not in msg
+        assert "not loaded" in msg and "truncated" not in msg.replace(str(poisoned), "")

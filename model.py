@@ -909,7 +909,8 @@ def find_bert_vocab(model_dir: Path, bert_path=None, download: bool = False) -> 
     for c in candidates:
         if c.is_file():
             return c
-    if download:
+    if download:  # its config.json too: the Q-Former's head count is read from beside the vocabulary
+        hub_download(BERT_ID, "config.json")
         return hub_download(BERT_ID, "vocab.txt")
     raise FileNotFoundError("the Q-Former's WordPiece vocabulary (bert-base-uncased vocab.txt) was not found; "
                             "looked in: " + ", ".join(str(c) for c in candidates) + ". Download bert-base-uncased's "

@@ -23,7 +23,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", type=Path, default=None, help="LLaMA-VID checkpoint directory")
+    p.add_argument("--model-path", default=None,
+                   help="LLaMA-VID checkpoint directory, or a Hugging Face Hub id such as YanweiLi/llama-vid-7b-full-224-video-fps-1")
     p.add_argument("--vision-path", type=Path, default=None, help="eva_vit_g.pth, if the checkpoint lacks it")
     p.add_argument("--bert-path", type=Path, default=None, help="bert-base-uncased vocab.txt (or its folder)")
     media = p.add_mutually_exclusive_group()
@@ -338,9 +339,10 @@ def lora_base(lora_dir: Path) -> Path:
     """The checkpoint a LoRA run names as its base (adapter_config.json's base_model_name_or_path), when that
     directory exists here; otherwise the user must say it."""
     from lora import read_adapter_config
+    from model import is_hub_id
     named = read_adapter_config(lora_dir).get("base_model_name_or_path")
-    if named and (Path(named) / "config.json").is_file():
-        return Path(named)
+    if named and ((Path(named) / "config.json").is_file() or is_hub_id(named)):
+        return named
     where = f" (its adapter_config.json names {named}, which is not a checkpoint directory here)" if named else ""
     raise ValueError(f"which checkpoint did the LoRA run {lora_dir} train on?{where} Pass --model-base DIR")
 
@@ -351,7 +353,7 @@ def load_model(args, load_vision=True):
     from data import Tokenizer
     from model import LlamaVID
     model_path, lora_dir, model_base = args.model_path, getattr(args, "lora", None), getattr(args, "model_base", None)
-    if lora_dir is None and model_path is not None and (model_path / "adapter_config.json").exists():
+    if lora_dir is None and model_path is not None and (Path(model_path) / "adapter_config.json").exists():
         lora_dir, model_path = model_path, None  # the original's convention: --model-path LORA --model-base BASE
     if lora_dir is not None:
         model_path = model_base or model_path or lora_base(lora_dir)
@@ -360,6 +362,9 @@ def load_model(args, load_vision=True):
             raise ValueError("no --model-path given and no trained tiny model in out/shapes "
                              "(train one with: python train.py config/shapes.py)")
         model_path = DEFAULT_MODEL
+    from model import checkpoint_dir, is_hub_id
+    download = is_hub_id(model_path)  # a released model by Hub id: its EVA weights and BERT vocabulary come too
+    model_path, lora_dir = checkpoint_dir(model_path), lora_dir and checkpoint_dir(lora_dir)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if lora_dir is not None:
@@ -370,7 +375,7 @@ def load_model(args, load_vision=True):
         tokenizer = Tokenizer(lora_dir if (lora_dir / "tokenizer.model").exists() else base)
     else:
         model = LlamaVID.from_pretrained(model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                         dtype=dtype, device=device, load_vision=load_vision)
+                                         dtype=dtype, device=device, load_vision=load_vision, download=download)
         tokenizer = Tokenizer(model_path)
     if device.type == "cuda":
         model.llm.fuse()  # stacked q/k/v and gate/up projections: faster decoding (see LLaMA.fuse)

@@ -165,6 +165,7 @@ def test_load_by_hub_id_equals_local_directory(served, fixtures, monkeypatch, tm
                                      bert_path=fixtures / "bert-base-uncased")
     assert_same_model(by_id, local)
     assert by_id.visual.wordpiece.vocab == local.visual.wordpiece.vocab
+    assert by_id.visual.cfg == local.visual.cfg  # the head count too, which no tensor shape shows
 
     folder = checkpoint_dir(REPO)  # a second call finds the snapshot the first one made
     assert folder.is_relative_to(cache / "models--YanweiLi--llama-vid-tiny-video" / "snapshots")
@@ -263,3 +264,31 @@ def test_local_paths_never_ask_the_hub(fixtures, monkeypatch, tmp_path):
     (tmp_path / "llamavid").mkdir()  # the download cache is the last place looked in
     (tmp_path / "llamavid" / "eva_vit_g.pth").write_bytes((fixtures / "eva_vit_g.pth").read_bytes())
     LlamaVID.from_pretrained(bare, bert_path=fixtures / "bert-base-uncased")
+
+
+def test_sample_command_by_hub_id(served, fixtures, monkeypatch, tmp_path):
+    """`sample.py --model-path OWNER/NAME` answers as the local checkpoint does, from a directory holding nothing."""
+    import os
+    import subprocess
+    import sys
+    import numpy as np
+    from data import write_video
+    use_hub(monkeypatch, tmp_path, served.url)
+    frames = np.zeros((4, 48, 48, 3), np.uint8)
+    frames[:, 10:30, 10:30] = (200, 40, 40)
+    write_video(tmp_path / "clip.mp4", frames, fps=2)
+    root = Path(__file__).resolve().parents[1]
+    args = ["--video", tmp_path / "clip.mp4", "--question", "What is it?", "--device", "cpu", "--dtype", "float32",
+            "--temperature", "0", "--max-new-tokens", "6"]
+
+    def run(model, cwd):
+        p = subprocess.run([sys.executable, str(root / "sample.py"), "--model-path", str(model), *map(str, args)],
+                           cwd=cwd, capture_output=True, text=True, env=dict(os.environ), timeout=120)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+    local = run(fixtures / "video", root)
+    assert run(REPO, tmp_path) == local
+    monkeypatch.setenv("HF_ENDPOINT", closed_port_url())
+    p = subprocess.run([sys.executable, str(root / "sample.py"), "--model-path", "YanweiLi/other", *map(str, args)],
+                       cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ), timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error:"), p.stderr

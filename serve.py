@@ -4,8 +4,11 @@ import argparse
 import asyncio
 import base64
 import io
+import ipaddress
 import json
+import math
 import mimetypes
+import re
 import sys
 import tempfile
 import time
@@ -28,7 +31,9 @@ import sample  # the command line's device / dtype choice, default model and fea
 try:
     import uvicorn
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.datastructures import Headers
     from starlette.exceptions import HTTPException
 except ImportError as e:  # the server is an optional extra; say how to get it rather than print a traceback
     sys.exit(f"error: serve.py needs {e.name}, which is not installed: pip install -r requirements-serve.txt")
@@ -37,6 +42,7 @@ EVA_BATCH = 32        # frames per vision-tower call: an hour of video never goe
 THUMBNAILS = 32       # at most this many frame previews per video (evenly spread) for the page
 THUMBNAIL_SIZE = 160  # px, the longer side of a preview
 MAX_STOPS = 4         # stop strings per request, OpenAI's limit
+CLIENT_GONE = 499     # the status of a request whose client left before its answer (nobody receives it)
 
 
 def parse_args(argv=None):
@@ -60,10 +66,22 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     p.add_argument("--cache-mb", type=float, default=4096,
                    help="memory for the EVA features of recent images / videos (least recently used go first)")
+    p.add_argument("--max-queue", type=int, default=32,
+                   help="requests that may wait for the model (each holds its upload); more get 503 with Retry-After")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated web origins (http://host:port) whose pages may call this server, besides "
+                        "its own chat page; their host names are served too. '*' allows every page and host name")
     args = p.parse_args(argv)
     sample.check_common_args(p, args)
     if not args.max_upload_mb > 0:
         p.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_queue < 0:
+        p.error(f"--max-queue must be 0 or more, got {args.max_queue}")
+    args.allowed_origins = [o.strip().rstrip("/").lower() for o in args.allowed_origins.split(",") if o.strip()]
+    for origin in args.allowed_origins:
+        parts = urllib.parse.urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.hostname or parts.path):
+            p.error(f"--allowed-origins: {origin!r} is not an origin; write it as http://host:port")
     if args.media_dir is not None and not args.media_dir.is_dir():
         p.error(f"--media-dir {args.media_dir} is not a directory")
     return args
@@ -73,9 +91,10 @@ def parse_args(argv=None):
 # errors: every failure a client can cause is one of these, answered in OpenAI's error shape
 
 class APIError(Exception):
-    def __init__(self, status, message, code=None, param=None, **extra):
+    def __init__(self, status, message, code=None, param=None, headers=None, **extra):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.extra = status, message, code, param, extra
+        self.headers = headers
 
     def body(self):
         kind = "server_error" if self.status >= 500 else "invalid_request_error"
@@ -150,10 +169,12 @@ def read_data_url(url, limit, label):
     if "base64" in params:
         if len(payload) * 3 // 4 > limit + 2:  # refuse before decoding
             raise too_large(len(payload) * 3 // 4, limit, label)
+        payload = re.sub(r"\s+", "", urllib.parse.unquote(payload))  # line breaks some clients add; %-escapes
         try:
-            data = base64.b64decode(payload)  # not validating: whitespace and line breaks some clients add pass
-        except ValueError as e:  # binascii.Error: bad padding
-            raise APIError(400, f"{label}: the data: URL's base64 does not decode ({e})", code="invalid_url") from None
+            data = base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)  # padding may be left off
+        except ValueError:  # binascii.Error, or a character outside ASCII
+            raise APIError(400, f"{label} is not valid base64: a data: URL's base64 holds only A-Z, a-z, 0-9, + "
+                                "and /", code="invalid_base64") from None
     else:
         data = urllib.parse.unquote_to_bytes(payload)
     if len(data) > limit:
@@ -225,13 +246,14 @@ def resolve_media(url, cfg, label):
     return make_source(mime, label, data=data, path=path)
 
 
-def make_source(mime, label, data=None, path=None):
+def make_source(mime, label, data=None, path=None, name=None):
+    """name: what later errors call the file (the page sends the name the user picked)."""
     import hashlib
     from data import content_hash
-    kind = media_kind(mime, label, data, path)
+    kind = media_kind(mime, name or label, data, path)
     digest = hashlib.sha256(data).hexdigest() if data is not None else content_hash(path)
     suffix = path.suffix if path is not None else (mimetypes.guess_extension(mime) or "")
-    name = f"the uploaded {kind}" if path is None else str(path.name)
+    name = name or (f"the uploaded {kind}" if path is None else str(path.name))
     return Source(kind, digest, name, data=data, path=path, suffix=suffix)
 
 
@@ -273,14 +295,19 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    except RecursionError:  # the parser recurses once per level of [ or {
+        raise APIError(400, "the request body nests JSON arrays / objects too deeply; a chat request needs a few "
+                            "levels", code="invalid_json") from None
     if not isinstance(req, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     model = req.get("model")
     if model is not None and model != cfg["model_name"]:
         raise APIError(404, f"the model {model!r} does not exist; this server has {cfg['model_name']!r}",
                        code="model_not_found", param="model")
-    if req.get("n") not in (None, 1):
-        raise APIError(400, "n must be 1: this server makes one answer per request", param="n")
+    n = req.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # true == 1 and 1.0 == 1 in Python: check the type
+        raise APIError(400, f"n must be the integer 1 (this server makes one answer per request), got "
+                            f"{json.dumps(n)}", code="invalid_value", param="n")
     messages = req.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
@@ -375,14 +402,32 @@ def spread(items, n):
 
 
 class Job:
-    """What a request's work on the model thread tells the event loop, in order, through an asyncio queue:
-    ("start", prompt_tokens), ("delta", text)..., ("done", {finish_reason, usage}); or ("error", APIError)."""
+    """One request's place in the queue and what its work on the model thread tells the event loop, in order,
+    through an asyncio queue: a chat's ("start", prompt_tokens), ("delta", text)..., ("done", {finish_reason,
+    usage}); an upload's ("done", description); or ("error", APIError). A client that goes away cancels the job:
+    ("cancelled", None), the work stops at its next frame or token (or never starts), and its place frees at once."""
 
-    def __init__(self, loop):
-        self.loop, self.events, self.cancelled = loop, asyncio.Queue(), False
+    def __init__(self, loop, release):
+        self.loop, self.events, self.cancelled, self.release_slot = loop, asyncio.Queue(), False, release
+        self.work = None  # the parsed request; dropped on cancel, so an abandoned upload frees its memory
 
     def emit(self, kind, payload=None):
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    def release(self):  # on the event loop; once
+        if self.release_slot is not None:
+            self.release_slot()
+            self.release_slot = None
+
+    def cancel(self):  # on the event loop
+        if not self.cancelled:
+            self.cancelled, self.work = True, None
+            self.events.put_nowait(("cancelled", None))
+        self.release()
+
+    def check(self):
+        if self.cancelled:
+            raise Stopped()
 
 
 class Engine:
@@ -402,7 +447,8 @@ class Engine:
 
     def media(self, src: Source, precheck=None) -> Media:
         """The EVA features of an image / video, from the cache or decoded and encoded now. precheck(frames) runs
-        between decoding and encoding, so a prompt too long for the context costs no vision-tower time."""
+        before decoding (with the frame count the sampling will keep, read from the packets) and again before each
+        frame is encoded, so a video too long for the context costs neither decoder nor vision-tower time."""
         key = (src.sha256, src.kind)
         if key in self.cache:
             self.cache.move_to_end(key)
@@ -419,19 +465,25 @@ class Engine:
             path = Path(tmp.name)
         try:
             media = self._encode(src.kind, path, precheck)
-        except (ValueError, OSError) as e:  # data.py's messages say what is wrong with the file
-            message = str(e).replace(str(path), src.label)
-            raise APIError(415, f"{src.label} could not be read as {'an image' if src.kind == 'image' else 'a video'}:"
-                                f" {message}", code="unsupported_media_type") from None
+        except (ValueError, OSError) as e:  # data.py's messages say what is wrong with the file, naming it
+            message = re.sub(r"\[Errno -?\d+\] ", "", str(e)).replace(f": '{path}'", "")  # FFmpeg's, naming it again
+            raise APIError(415, message.replace(str(path), src.label), code="unsupported_media_type") from None
         finally:
             if tmp is not None:
                 Path(tmp.name).unlink(missing_ok=True)
-        self.cache[key] = media
-        self.cache_bytes += media.nbytes
-        while self.cache_bytes > self.cache_limit and len(self.cache) > 1:  # the newest always stays
-            _, old = self.cache.popitem(last=False)
-            self.cache_bytes -= old.nbytes
+        if media.nbytes <= self.cache_limit:  # one larger than the whole budget is used once, never kept
+            self.cache[key] = media
+            self.cache_bytes += media.nbytes
+            while self.cache_bytes > self.cache_limit:
+                _, old = self.cache.popitem(last=False)
+                self.cache_bytes -= old.nbytes
         return media
+
+    def planned_frames(self, path):
+        """How many frames the sampling will keep, from the packets' timestamps alone (no decoding)."""
+        from data import _packet_times, _sampled
+        n = sum(1 for _ in _sampled(((None, t) for t in _packet_times(path)), self.args.fps))
+        return n if self.args.max_frames is None else min(n, self.args.max_frames)
 
     def _eva(self, pixels):
         out = [self.model.vision(pixels[i:i + EVA_BATCH].to(self.device, self.vision_dtype))
@@ -454,6 +506,8 @@ class Engine:
             features = self._eva(preprocess_images([image], size, pad_to_square=pad))
             return Media("image", features, 1, [0.0], [thumbnail(image)], None,
                          features.numel() * features.element_size())
+        if precheck is not None:
+            precheck(self.planned_frames(path))
         frames = iter_video(path, fps=self.args.fps, max_frames=self.args.max_frames)
         if not self.long_video:
             # frames go through EVA as they are decoded (a long file never sits decoded in memory), and a video
@@ -478,6 +532,8 @@ class Engine:
 
         def previewed(frames):
             for frame, t in frames:
+                if precheck is not None:
+                    precheck(len(thumbs) + 1)
                 thumbs.append(thumbnail(frame))
                 yield frame, t
         features, times = sample.extract_features(self.model, previewed(frames), EVA_BATCH)
@@ -488,15 +544,35 @@ class Engine:
     def is_movie(self, media):
         return media is not None and media.movie_text is not None
 
+    def frame_tokens(self, kind):
+        """Visual tokens per frame: a long-video model's video_token for a video, else the model's per frame."""
+        return self.model.video_token if self.long_video and kind == "video" else self.tokens_per_frame
+
     def visual_tokens(self, media):
         if media is None:
             return 0
         return media.frames * (self.model.video_token if self.is_movie(media) else self.tokens_per_frame)
 
-    def describe(self, src: Source) -> dict:
-        """POST /v1/media: decode and encode now (the cache keeps the features), say what the model will see."""
+    def describe(self, src: Source, job=None) -> dict:
+        """POST /v1/media: decode and encode now (the cache keeps the features), say what the model will see.
+        A video that leaves no room for a question is refused here, before decoding, as a chat would refuse it."""
+        empty = ChatRequest(turns=[("USER", "")], source=src, system=None, question="", max_tokens=1,
+                            temperature=0, top_p=1, stop=[], seed=None, stream=False, include_usage=False)
+        ids = self.prompt_ids(empty, None)  # the shortest prompt the media can go in
+        per_frame = self.frame_tokens(src.kind)
+
+        def precheck(frames):
+            if job is not None:
+                job.check()
+            n = len(ids) - 1 + frames * per_frame
+            if n >= self.context:
+                fit = (self.context - len(ids)) // per_frame
+                raise APIError(400, f"{src.label} is too long for the model: its {frames} frames need {n} prompt "
+                                    f"tokens and the context holds {self.context}; trim the video, or start the "
+                                    f"server with --max-frames {fit} or a lower --fps",
+                               code="context_length_exceeded", prompt_tokens=n, context_length=self.context)
         with torch.no_grad():
-            media = self.media(src)
+            media = self.media(src, precheck)
         return {"id": "sha256:" + src.sha256, "object": "media", "kind": media.kind, "frames": media.frames,
                 "times": [round(t, 3) for t in media.times], "thumbnails": media.thumbnails,
                 "visual_tokens": self.visual_tokens(media), "context_length": self.context}
@@ -542,12 +618,18 @@ class Engine:
         started = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread: this worker's must be off too
             media, ids = None, None
-            if req.source is not None and not (self.long_video and req.source.kind == "video"):
-                ids = self.prompt_ids(req, None)  # the text does not depend on the frames: check before encoding
-                media = self.media(req.source, lambda frames: self.check_context(self.prompt_tokens(ids, frames),
-                                                                                 frames))
-            elif req.source is not None:
-                media = self.media(req.source)
+            if req.source is not None:
+                # the text does not depend on the frames: check before decoding; a movie's prompt also holds the
+                # frames' times, so its count here is a lower bound, made exact after encoding
+                ids = self.prompt_ids(req, None)
+                per_frame = self.frame_tokens(req.source.kind)
+
+                def precheck(frames):
+                    job.check()  # the client left: stop decoding
+                    self.check_context(len(ids) - 1 + frames * per_frame, frames)
+                media = self.media(req.source, precheck)
+                if self.is_movie(media):
+                    ids = None
             if ids is None:
                 ids = self.prompt_ids(req, media)
             frames = media.frames if media is not None else 0
@@ -619,17 +701,67 @@ class TextOut:
 # ----------------------------------------------------------------------------------------------------------
 # the HTTP side
 
+def foreign_request(host, origin, hosts, origins):
+    """Why a request must be refused as coming from another web site, or None. A browser lets any page POST to
+    this server (a form or a no-cors fetch with a text/plain body needs no permission) and names that page in
+    Origin; a page on a site whose DNS name was re-pointed at this machine (DNS rebinding) is even same-origin,
+    but its Host header carries that name. So: the Host must be an address, localhost, the name the server
+    listens on or one allowed, and an Origin (clients outside a browser send none) must be this server itself
+    or an allowed one."""
+    if "*" in origins:
+        return None
+    if host is not None:
+        try:
+            name = urllib.parse.urlsplit("//" + host).hostname or ""
+        except ValueError:
+            name = ""
+        try:
+            ipaddress.ip_address(name)  # an address cannot be re-pointed
+            known = True
+        except ValueError:
+            known = name == "localhost" or name.endswith(".localhost") or name in hosts
+        if not known:
+            return APIError(403, f"this server does not serve the host name {host!r}; to serve under it, start it "
+                                 f"with --allowed-origins http://{host}", code="forbidden_host")
+    if origin is not None:
+        parts = urllib.parse.urlsplit(origin.lower())
+        if origin.lower() not in origins and (host is None or parts.netloc != host.lower()):
+            return APIError(403, f"requests from the web page at {origin} are refused; to let that site use this "
+                                 f"server, start it with --allowed-origins {origin}", code="forbidden_origin")
+    return None
+
+
+class SameSite:
+    """ASGI middleware: refuses (403) what foreign_request refuses, before any work."""
+
+    def __init__(self, app, hosts, origins):
+        self.app, self.hosts, self.origins = app, hosts, origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            error = foreign_request(headers.get("host"), headers.get("origin"), self.hosts, self.origins)
+            if error is not None:
+                return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def build_app(engine: Engine, cfg: dict) -> FastAPI:
     app = FastAPI(title="LLaMA-VID", docs_url=None, redoc_url=None, openapi_url=None)
+    origins = cfg["allowed_origins"]
+    if origins:  # their pages' fetches need CORS answers (a JSON POST is preflighted)
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
+    app.add_middleware(SameSite, hosts=cfg["allowed_hosts"], origins=origins)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # FIFO: requests wait their turn
     created = int(time.time())
-    state = {"queued": 0}
+    state = {"pending": 0, "job_s": 1.0}  # requests admitted and not finished; recent seconds per job
     limit = cfg["max_upload"]
     json_limit = limit * 4 // 3 + 2**20  # a data: URL is base64 (4/3 of the file) inside the JSON
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e: HTTPException):
@@ -656,21 +788,50 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def submit(fn, *a):
-        """Queue work for the model thread; the returned future resolves when it has run."""
-        state["queued"] += 1
-        future = asyncio.get_running_loop().run_in_executor(worker, fn, *a)
-        future.add_done_callback(lambda _: state.__setitem__("queued", state["queued"] - 1))
-        return future
+    def admit():
+        """A place in the queue for a request, before its body is read (a waiting request holds its upload):
+        one runs and up to --max-queue wait; past that, 503 and when to come back."""
+        if state["pending"] > cfg["max_queue"]:
+            wait = max(1, math.ceil(state["job_s"]))  # about when the running job frees a place
+            raise APIError(503, f"the server is busy: {state['pending']} requests are running or waiting "
+                                f"(--max-queue {cfg['max_queue']}); try again in {wait} s", code="server_busy",
+                           headers={"Retry-After": str(wait)})
+        state["pending"] += 1
+        return Job(asyncio.get_running_loop(), lambda: state.__setitem__("pending", state["pending"] - 1))
 
-    def run_chat(req, job):
+    async def watch(request: Request, job: Job):
+        """Cancel the job when its client disconnects (the body is read: what comes next is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    def run(job: Job, fn, what):
+        """On the model thread: fn(work, job), unless the client left while the job waited."""
+        work = job.work
+        if job.cancelled or work is None:
+            return
+        started = time.perf_counter()
         try:
-            engine.complete(req, job)
+            fn(work, job)
+        except Stopped:  # the client left mid-work
+            pass
         except APIError as e:
             job.emit("error", e)
         except Exception as e:  # the server keeps serving; the client hears what went wrong
             traceback.print_exception(e, file=sys.stderr)
-            job.emit("error", APIError(500, f"generation failed: {e}"))
+            job.emit("error", APIError(500, f"{what} failed: {e}"))
+        state["job_s"] = 0.7 * state["job_s"] + 0.3 * (time.perf_counter() - started)
+
+    async def start(request: Request, job: Job, fn, what):
+        """Queue the job for the model thread and watch its client; returns its first event and the watcher."""
+        future = asyncio.get_running_loop().run_in_executor(worker, run, job, fn, what)
+        future.add_done_callback(lambda _: job.release())
+        watcher = asyncio.create_task(watch(request, job))
+        try:
+            return await job.events.get(), watcher
+        except BaseException:
+            watcher.cancel()
+            raise
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -678,9 +839,9 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": cfg["model_name"], "queued": state["queued"],
-                "max_upload_mb": cfg["max_upload_mb"], "context_length": engine.context,
-                "cached_media": len(engine.cache)}
+        return {"status": "ok", "model": cfg["model_name"], "queued": state["pending"],
+                "max_queue": cfg["max_queue"], "max_upload_mb": cfg["max_upload_mb"],
+                "context_length": engine.context, "cached_media": len(engine.cache)}
 
     def model_card():
         return {"id": cfg["model_name"], "object": "model", "created": created, "owned_by": "llama-vid"}
@@ -697,47 +858,68 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
         return model_card()
 
     @app.post("/v1/media")
-    async def media(request: Request):
-        """The page's upload: the raw file as the body. Returns the frames the model will see (previews) and
-        warms the feature cache, so the first question about it does not wait for the vision tower."""
-        body = await read_body(request, limit)
-        if not body:
-            raise APIError(400, "the upload is empty")
-        mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        src = await asyncio.to_thread(make_source, mime, "the uploaded file", body)
+    async def media(request: Request, name: str = ""):
+        """The page's upload: the raw file as the body (?name= the file's name, for messages). Returns the
+        frames the model will see (previews) and warms the feature cache, so the first question about it does
+        not wait for the vision tower."""
+        job = admit()
         try:
-            return await submit(engine.describe, src)
-        except APIError:
+            body = await read_body(request, limit)
+            if not body:
+                raise APIError(400, "the upload is empty")
+            mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            name = "".join(c for c in name if c.isprintable())[:120] or None
+            job.work = await asyncio.to_thread(make_source, mime, "the uploaded file", body, None, name)
+            del body
+        except BaseException:
+            job.release()
             raise
-        except Exception as e:
-            traceback.print_exception(e, file=sys.stderr)
-            raise APIError(500, f"reading the file failed: {e}") from None
+        (kind, payload), watcher = await start(request, job, lambda src, job: job.emit(
+            "done", engine.describe(src, job)), "reading the file")
+        watcher.cancel()
+        if kind == "error":
+            raise payload
+        if kind == "cancelled":
+            return Response(status_code=CLIENT_GONE)
+        return payload
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await read_body(request, json_limit)
-        req = await asyncio.to_thread(parse_chat, body, cfg)  # base64 of a 50 MB video: not on the event loop
-        job = Job(asyncio.get_running_loop())
-        submit(run_chat, req, job)
-        kind, payload = await job.events.get()
-        if kind == "error":
-            raise payload
+        job = admit()
+        try:
+            body = await read_body(request, json_limit)
+            req = await asyncio.to_thread(parse_chat, body, cfg)  # base64 of a 50 MB video: not on the event loop
+            del body
+        except BaseException:
+            job.release()
+            raise
+        stream, include_usage, job.work = req.stream, req.include_usage, req
+        del req  # the job holds it, until it runs or is cancelled
+        (kind, payload), watcher = await start(request, job, engine.complete, "generation")
         cid, stamp, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), cfg["model_name"]
-        if not req.stream:
-            text = []
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "delta":
-                    text.append(payload)
-                elif kind == "error":
-                    raise payload
-                elif kind == "done":
-                    break
+        if not stream:
+            try:
+                text = []
+                while kind != "done":
+                    if kind == "error":
+                        raise payload
+                    if kind == "cancelled":
+                        return Response(status_code=CLIENT_GONE)
+                    if kind == "delta":
+                        text.append(payload)
+                    kind, payload = await job.events.get()
+            finally:
+                watcher.cancel()
             return {"id": cid, "object": "chat.completion", "created": stamp, "model": name,
                     "system_fingerprint": None,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                  "logprobs": None, "finish_reason": payload["finish_reason"]}],
                     "usage": payload["usage"]}
+        watcher.cancel()  # from here the streaming response notices a disconnect (and closes events())
+        if kind == "error":
+            raise payload
+        if kind == "cancelled":
+            return Response(status_code=CLIENT_GONE)
 
         def chunk(delta, finish=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": stamp, "model": name,
@@ -759,27 +941,35 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
                         break
                     elif kind == "done":
                         yield sse(chunk({}, payload["finish_reason"]))
-                        if req.include_usage:
+                        if include_usage:
                             yield sse({**chunk({}), "choices": [], "usage": payload["usage"]})
                         break
+                    elif kind == "cancelled":
+                        return
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancelled = True  # a client that went away stops its generation at the next token
+                job.cancel()  # a client that went away stops its generation at the next token
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
 
 
+def make_cfg(args, model_path, long_video):
+    """What build_app needs from the command line."""
+    hosts = {args.host.lower()} | {urllib.parse.urlsplit(o).hostname for o in args.allowed_origins if o != "*"}
+    return {"model_name": args.model_name or Path(model_path).resolve().name,
+            "max_upload": int(args.max_upload_mb * 2**20), "max_upload_mb": args.max_upload_mb,
+            "media_dir": args.media_dir, "allow_remote": args.allow_remote, "max_new_tokens": args.max_new_tokens,
+            "max_queue": args.max_queue, "allowed_origins": args.allowed_origins, "allowed_hosts": hosts,
+            "temperature": 0.6 if long_video else 0.2, "top_p": 0.9 if long_video else 0.7}  # sample.py's defaults
+
+
 def main(argv=None):
     args = parse_args(argv)
     model, tokenizer, model_path = sample.load_model(args)
     engine = Engine(model, tokenizer, args)
-    movie = model.is_long_video
-    cfg = {"model_name": args.model_name or Path(model_path).resolve().name,
-           "max_upload": int(args.max_upload_mb * 2**20), "max_upload_mb": args.max_upload_mb,
-           "media_dir": args.media_dir, "allow_remote": args.allow_remote, "max_new_tokens": args.max_new_tokens,
-           "temperature": 0.6 if movie else 0.2, "top_p": 0.9 if movie else 0.7}  # sample.py's defaults
+    cfg = make_cfg(args, model_path, model.is_long_video)
     app = build_app(engine, cfg)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"

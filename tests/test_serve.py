@@ -1,17 +1,21 @@
 """serve.py: the official openai client gets what sample.py prints (greedy, streamed or not, multi-turn), bad requests
-get OpenAI-shaped 4xx errors while the server keeps serving, and a headless Chromium chats on its page."""
+get OpenAI-shaped 4xx errors while the server keeps serving, abandoned and excess requests cost no model time, other
+web sites cannot drive it, and a headless Chromium chats on its page at a desktop and a phone size."""
 import base64
 import json
 import os
+import queue
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +35,7 @@ FRAMES = 3  # the clip: 6 frames at 2 fps, sampled at 1 fps -> t = 0, 1, 2 s
 CPU = ["--device", "cpu", "--dtype", "float32"]
 GREEDY = ["--temperature", "0", "--max-new-tokens", str(NEW), "--debug"]
 UPLOAD_MB = 1  # the server's --max-upload-mb here, so that an upload over it stays small
+LONG_FRAMES = 2100  # a 1 fps video of this many frames needs 2 x 2100 visual tokens: over the tiny model's 4096
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -118,6 +123,16 @@ def data_url(path, mime):
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """35 minutes at 1 fps of 16x16 frames: 60 KB to send, too long for the model's context."""
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    frames = np.zeros((LONG_FRAMES, 16, 16, 3), np.uint8)
+    frames[:] = (np.arange(LONG_FRAMES) % 200)[:, None, None, None]
+    write_video(path, frames, fps=1)
+    return path
+
+
 def video_part(url):
     return {"type": "video_url", "video_url": {"url": url}}
 
@@ -157,6 +172,24 @@ def post(world, path, body: bytes, content_type="application/json"):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+def fetch(world, path, body=None, **headers):
+    """(status, json, headers) of a request with the headers given (Host included: urllib then sends that one)."""
+    req = urllib.request.Request(world.url + path, body, {k.replace("_", "-"): v for k, v in headers.items()})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def wait_for(condition, what, timeout=60):
+    """Poll a condition the server reports (a counter), failing after timeout (which only a failure reaches)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
 
 
 def chat_request(world, messages, **kw):
@@ -343,6 +376,292 @@ def test_bad_requests(world, client):
     # still serving, and still right
     assert health(world)["status"] == "ok"
     assert greedy(client, [ask(clip, QUESTION)]).choices[0].message.content == world.answer
+
+
+def test_malformed_bodies_get_their_own_400(world, client):
+    """JSON nested 100,000 deep, n: true and a data: URL whose base64 is not base64 each get a 400 that names
+    the problem (they gave a 500, an answer, and "empty data: URL"); base64 with line breaks still works."""
+    deep = b'{"model": "video", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    err = assert_error(post(world, "/v1/chat/completions", deep), 400, "too deeply")
+    assert err["code"] == "invalid_json"
+    hi = [{"role": "user", "content": "hi"}]
+    for n in (True, 1.0, 2):
+        assert_error(chat_request(world, hi, n=n), 400, "n must be the integer 1")
+    assert chat_request(world, hi, n=1)[0] == 200
+    # all junk (it decoded to nothing: "empty"); junk after good bytes (decoded to 3 zero bytes); one character
+    # too many; a character outside ASCII
+    for payload in ("!!!!", "!!!!not-base64!!!!", "AAAA$$$$", "A", "AAAA\u00e9"):
+        err = assert_error(chat_request(world, [ask(video_part("data:video/mp4;base64," + payload), QUESTION)]),
+                           400, "not valid base64")
+        assert "empty" not in err["message"]
+    clip = base64.b64encode(world.clip.read_bytes()).decode()
+    wrapped = "\n".join(clip[i:i + 76] for i in range(0, len(clip), 76))  # as MIME encoders write it
+    status, body = chat_request(world, [ask(video_part("data:video/mp4;base64," + wrapped), QUESTION)],
+                                temperature=0)
+    assert status == 200 and body["choices"][0]["message"]["content"] == world.answer
+
+
+def test_other_web_sites_are_refused(world, client):
+    """A page on another site can make the browser POST here (a form or a no-cors fetch: text/plain body, its
+    own Origin), and a site whose DNS name now points here (rebinding) sends its own Host: both are refused
+    before any work. The served page (Origin = this server) and clients without Origin go on working."""
+    hi = json.dumps({"model": "video", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    here = f"127.0.0.1:{world.port}"
+    status, body, _ = fetch(world, "/v1/chat/completions", hi, Content_Type="text/plain",
+                            Origin="http://evil.example", Host=here)
+    assert status == 403 and body["error"]["code"] == "forbidden_origin", body
+    assert "--allowed-origins http://evil.example" in body["error"]["message"]
+    status, body, _ = fetch(world, "/v1/chat/completions", hi, Content_Type="text/plain",
+                            Origin=f"http://evil.example:{world.port}", Host=f"evil.example:{world.port}")
+    assert status == 403 and body["error"]["code"] == "forbidden_host", body
+    assert fetch(world, "/v1/media", world.clip.read_bytes(), Content_Type="video/mp4",
+                 Origin="null", Host=here)[0] == 403  # a sandboxed frame or a file:// page
+    assert fetch(world, "/v1/models", Host=f"evil.example:{world.port}")[0] == 403
+    # the page as served, under its address or localhost; clients that send no Origin
+    for host in (here, f"localhost:{world.port}"):
+        status, body, _ = fetch(world, "/v1/chat/completions", hi, Content_Type="application/json",
+                                Origin=f"http://{host}", Host=host)
+        assert status == 200 and body["choices"][0]["message"]["role"] == "assistant", body
+    assert fetch(world, "/v1/chat/completions", hi, Content_Type="application/json")[0] == 200
+    assert greedy(client, [{"role": "user", "content": "hi"}]).choices[0].message.role == "assistant"
+
+
+def test_media_upload_refuses_a_video_too_long_for_the_context(world, long_clip):
+    """The upload applies the chat's limits: a 35-minute video (4,200 visual tokens for a 4,096 context) is
+    refused at once with the --max-frames that would fit, and nothing of it is cached."""
+    cached = health(world)["cached_media"]
+    err = assert_error(post(world, "/v1/media?name=long.mp4", long_clip.read_bytes(), "video/mp4"), 400,
+                       "long.mp4 is too long", "--max-frames")
+    assert err["code"] == "context_length_exceeded" and err["prompt_tokens"] > err["context_length"]
+    fit = int(re.search(r"--max-frames (\d+)", err["message"]).group(1))
+    assert 0 < fit < LONG_FRAMES and err["prompt_tokens"] - 2 * (LONG_FRAMES - fit) < err["context_length"]
+    assert health(world)["cached_media"] == cached
+    assert_error(chat_request(world, [ask(video_part(data_url(long_clip, "video/mp4")), QUESTION)]), 400,
+                 str(err["context_length"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine in this process: what work a request costs, watched through counters and events
+
+TOKEN = 100  # a token id of the tiny vocabulary that is not EOS
+
+
+@pytest.fixture(scope="module")
+def engine(fixtures):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import sample
+    import serve
+    args = serve.parse_args(["--model-path", str(fixtures / "video"), *CPU])
+    model, tokenizer, path = sample.load_model(args)
+    return serve.Engine(model, tokenizer, args)
+
+
+@contextmanager
+def served(engine, *flags):
+    """The engine behind a uvicorn server in a thread of this process, with serve.py's flags."""
+    import serve
+    import uvicorn
+    args = serve.parse_args(["--model-path", str(engine.args.model_path), *CPU, *flags])
+    app = serve.build_app(engine, serve.make_cfg(args, args.model_path, engine.long_video))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "the server to start", timeout=30)
+        assert thread.is_alive()
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+def counted(engine, monkeypatch):
+    """Counts the frames decoded and the vision tower's calls."""
+    import data
+    n = SimpleNamespace(decoded=0, eva=0)
+    upright, forward = data._upright, engine.model.vision.forward
+
+    def decoded(frame):
+        n.decoded += 1
+        return upright(frame)
+
+    def eva(*a, **kw):
+        n.eva += 1
+        return forward(*a, **kw)
+    monkeypatch.setattr(data, "_upright", decoded)
+    monkeypatch.setattr(engine.model.vision, "forward", eva)
+    return n
+
+
+def hold(port, body: bytes):
+    """A chat request sent on a socket that the caller closes to walk away from it."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return s
+
+
+def chat_body(stream=False, max_tokens=NEW):
+    return json.dumps({"model": "video", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+                       "max_tokens": max_tokens}).encode()
+
+
+def test_too_long_video_costs_no_decoding(engine, long_clip, counted):
+    """A video over the context is refused from its packets' timestamps: no frame decoded, no EVA call, by the
+    upload (which decoded and encoded all of it) and by a chat (which encoded up to the limit)."""
+    import serve
+    src = serve.make_source("video/mp4", "the upload", long_clip.read_bytes(), name="long.mp4")
+    with pytest.raises(serve.APIError) as e:
+        engine.describe(src)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    cfg = serve.make_cfg(engine.args, engine.args.model_path, False)
+    req = serve.parse_chat(json.dumps({"messages": [ask(video_part(data_url(long_clip, "video/mp4")),
+                                                        QUESTION)]}).encode(), cfg)
+    job = SimpleNamespace(cancelled=False, check=lambda: None, emit=lambda *a: pytest.fail(f"emitted {a}"))
+    with pytest.raises(serve.APIError) as e:
+        engine.complete(req, job)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+    assert (counted.decoded, counted.eva) == (0, 0)
+    assert not any(key[0] == src.sha256 for key in engine.cache)
+
+
+def test_media_cache_keeps_nothing_over_its_budget(world, engine):
+    """An entry larger than --cache-mb is used but not kept (the newest was always kept); within the budget the
+    least recently used goes first."""
+    import serve
+    import torch
+    clip = serve.make_source("video/mp4", "clip", world.clip.read_bytes())
+    image = serve.make_source("image/png", "image", world.png.read_bytes())
+    limit = engine.cache_limit
+    try:
+        engine.cache.clear()
+        engine.cache_bytes = 0
+        with torch.no_grad():
+            size = engine.media(clip).nbytes
+        engine.cache.clear()
+        engine.cache_bytes, engine.cache_limit = 0, size - 1
+        assert engine.describe(clip)["frames"] == FRAMES  # still answered
+        assert len(engine.cache) == 0 and engine.cache_bytes == 0
+        engine.cache_limit = size
+        engine.describe(clip)
+        assert list(engine.cache) == [(clip.sha256, "video")] and engine.cache_bytes == size
+        engine.describe(image)  # together over the budget: the clip goes, then the image fits alone
+        assert list(engine.cache) == [(image.sha256, "image")] and engine.cache_bytes <= size
+    finally:
+        engine.cache.clear()
+        engine.cache_bytes, engine.cache_limit = 0, limit
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """model.generate replaced by one that waits for gate.open before its one token; gate.calls counts runs."""
+    import model
+    g = SimpleNamespace(open=threading.Event(), running=threading.Event(), calls=0)
+
+    def gated(llm, embeds, max_new, callback=None, **kw):
+        g.calls += 1
+        g.running.set()
+        assert g.open.wait(600)  # longer than any wait_for: a test fails on its own check first
+        callback(torch_token())
+    monkeypatch.setattr(model, "generate", gated)
+    yield g
+    g.open.set()  # whatever happened, nothing stays blocked
+
+
+def torch_token():
+    import torch
+    return torch.tensor([TOKEN])
+
+
+def test_client_that_leaves_stops_its_generation(engine, monkeypatch):
+    """A non-streaming client that disconnects mid-answer ends the generation at the next token (it went on to
+    max_tokens, holding the model from everyone else)."""
+    import model
+    import serve
+    first, outcome = threading.Event(), queue.Queue()
+
+    def endless(llm, embeds, max_new, callback=None, **kw):
+        try:
+            callback(torch_token())
+            first.set()
+            for _ in range(3000):  # ~30 s at most: the cancelled run stops within a token of the disconnect
+                time.sleep(0.01)
+                callback(torch_token())
+            outcome.put("ran to the end")
+        except serve.Stopped:
+            outcome.put("stopped")
+            raise
+    monkeypatch.setattr(model, "generate", endless)
+    with served(engine) as srv:
+        s = hold(srv.port, chat_body(max_tokens=3000))
+        assert first.wait(60)
+        s.close()
+        assert outcome.get(timeout=90) == "stopped"
+        wait_for(lambda: health(srv)["queued"] == 0, "the place to free")
+        monkeypatch.undo()  # the real generate for the next request
+        status, body = chat_request(srv, [{"role": "user", "content": "hi"}])
+        assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_leaves_the_queue_costs_nothing(engine, gate, stream):
+    """A request whose client disconnects while it waits frees its place at once and never runs (five
+    abandoned requests used to run to max_tokens before the next user's)."""
+    with served(engine) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(chat_request, srv, [{"role": "user", "content": "hi"}])
+            try:
+                assert gate.running.wait(60)
+                s = hold(srv.port, chat_body(stream=stream))
+                wait_for(lambda: health(srv)["queued"] == 2, "the second request to queue")
+                s.close()
+                wait_for(lambda: health(srv)["queued"] == 1, "the abandoned request to leave the queue")
+            finally:
+                gate.open.set()
+            assert first.result()[0] == 200
+        status, body = chat_request(srv, [{"role": "user", "content": "hi"}])
+        assert status == 200 and body["usage"]["completion_tokens"] == 1
+        assert gate.calls == 2  # the first and the last: not the abandoned one
+
+
+def test_full_queue_answers_503_with_retry_after(engine, gate, world):
+    """With --max-queue 1, one request runs, one waits, and the next chat or upload is refused at once (503,
+    Retry-After) instead of queueing without limit; a place freed is taken again."""
+    hi = [{"role": "user", "content": "hi"}]
+    with served(engine, "--max-queue", "1") as srv:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(chat_request, srv, hi)
+            try:
+                assert gate.running.wait(60)
+                waiting = pool.submit(chat_request, srv, hi)
+                wait_for(lambda: health(srv)["queued"] == 2, "the second request to queue")
+                for path, body, kind in (("/v1/chat/completions", chat_body(), "application/json"),
+                                         ("/v1/media", world.clip.read_bytes(), "video/mp4")):
+                    status, err, headers = fetch(srv, path, body, Content_Type=kind)
+                    assert status == 503 and err["error"]["code"] == "server_busy", err
+                    assert int(headers["Retry-After"]) >= 1 and "--max-queue 1" in err["error"]["message"]
+            finally:
+                gate.open.set()
+            assert running.result()[0] == 200 and waiting.result()[0] == 200
+        assert chat_request(srv, hi)[0] == 200
+        assert gate.calls == 3 and health(srv)["max_queue"] == 1
+
+
+def test_allowed_origins(engine):
+    """--allowed-origins lets a listed site's pages call the server (with CORS headers for the browser) and
+    serves its host name; others stay refused."""
+    app = "http://app.example:3000"
+    body = chat_body(max_tokens=2)
+    with served(engine, "--allowed-origins", app) as srv:
+        status, _, headers = fetch(srv, "/v1/chat/completions", body, Content_Type="application/json", Origin=app)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == app
+        assert fetch(srv, "/health", Host="app.example:3000")[0] == 200
+        status, err, _ = fetch(srv, "/v1/chat/completions", body, Content_Type="text/plain",
+                               Origin="http://other.example")
+        assert status == 403 and err["error"]["code"] == "forbidden_origin"
 
 
 # ----------------------------------------------------------------------------------------------------------

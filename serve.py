@@ -992,7 +992,7 @@ PAGE = r"""<!doctype html>
 <style>
   * { box-sizing: border-box; }
   body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f3f4f7;
-         color: #1c2230; height: 100vh; display: flex; flex-direction: column; }
+         color: #1c2230; height: 100vh; height: 100dvh; display: flex; flex-direction: column; }
   header { display: flex; align-items: baseline; gap: 12px; padding: 10px 18px; background: #1c2230; color: #fff; }
   header strong { font-size: 17px; }
   header span { color: #aab3c5; font-size: 13px; }
@@ -1010,7 +1010,7 @@ PAGE = r"""<!doctype html>
   #frames figure { margin: 0; font-size: 11px; color: #6b7385; text-align: center; }
   #frames img { width: 100%; border-radius: 4px; display: block; }
   #error { display: none; background: #fdeaea; color: #9b1c1c; border: 1px solid #f3b4b4; border-radius: 8px;
-           padding: 8px 12px; white-space: pre-wrap; }
+           padding: 8px 12px; white-space: pre-wrap; cursor: pointer; }
   #log { flex: 1; overflow: auto; display: flex; flex-direction: column; gap: 10px; padding: 2px; }
   #log .hint { color: #8a92a3; margin: auto; text-align: center; }
   .msg { max-width: 82%; padding: 8px 12px; border-radius: 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
@@ -1026,21 +1026,35 @@ PAGE = r"""<!doctype html>
            cursor: pointer; }
   button.plain { background: #e4e7ee; color: #1c2230; }
   button:disabled { opacity: .5; cursor: default; }
-  @media (max-width: 760px) { main { grid-template-columns: 1fr; } }
+  /* a phone: the media shrinks to a strip of frames (no player) and the conversation takes the rest */
+  @media (max-width: 760px) {
+    header { padding: 8px 12px; }
+    main { display: flex; flex-direction: column; gap: 8px; padding: 8px; }
+    .panel { padding: 10px; gap: 8px; }
+    #media-panel { flex: none; }
+    #chat-panel { flex: 1; }
+    #drop { padding: 8px; }
+    #drop .wide, #preview { display: none; }
+    #frames { display: flex; overflow-x: auto; }
+    #frames figure { flex: 0 0 56px; }
+    .settings { gap: 8px; font-size: 12px; }
+    .settings input { width: 48px; }
+    #error { font-size: 13px; padding: 6px 10px; }
+  }
 </style>
 </head>
 <body>
 <header><strong>LLaMA-VID</strong><span id="model">connecting…</span><span id="status"></span></header>
 <main>
-  <section class="panel">
-    <label id="drop" for="file">Drop an image or a video here, or click to choose one
+  <section class="panel" id="media-panel">
+    <label id="drop" for="file">Choose an image or a video<span class="wide">, or drop one here</span>
       <input type="file" id="file" accept="image/*,video/*" hidden></label>
     <div id="preview"></div>
     <div id="media-info"></div>
     <div id="frames"></div>
   </section>
-  <section class="panel">
-    <div id="error" role="alert"></div>
+  <section class="panel" id="chat-panel">
+    <div id="error" role="alert" title="click to close"></div>
     <div id="log"><div class="hint">Choose an image or a video, then ask about it.</div></div>
     <div class="settings">
       <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.2"></label>
@@ -1056,7 +1070,8 @@ PAGE = r"""<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-let modelId = null, maxUploadMB = 50, mediaPart = null, messages = [], busy = false, previewURL = null;
+let modelId = null, maxUploadMB = 50, mediaPart = null, messages = [], busy = false, uploading = false;
+let previewURL = null;
 
 function showError(text) {
   $("error").textContent = text || "";
@@ -1068,8 +1083,17 @@ async function errorText(resp) {
     const body = await resp.json();
     return (body.error && body.error.message) || JSON.stringify(body);
   } catch (e) {
-    return `${resp.status} ${resp.statusText}`;
+    return `the server answered ${resp.status} ${resp.statusText}`;
   }
+}
+
+// the server's errors are sentences of their own; fetch's are not
+function failure(e, what) {
+  return e instanceof TypeError ? `could not ${what}: the server does not answer (${e.message})` : e.message || e;
+}
+
+function scrollDown() {
+  $("log").scrollTop = $("log").scrollHeight;
 }
 
 function bubble(role, text) {
@@ -1082,7 +1106,7 @@ function bubble(role, text) {
   body.textContent = text;
   div.appendChild(body);
   $("log").appendChild(div);
-  $("log").scrollTop = $("log").scrollHeight;
+  scrollDown();
   return div;
 }
 
@@ -1101,40 +1125,47 @@ function readDataURL(file) {
   });
 }
 
+// A new file replaces the media and starts a new conversation (one image or video per conversation) only once
+// the server has read it; one it refuses leaves the conversation and the media as they were.
 async function chooseFile(file) {
-  newChat();
-  mediaPart = null;
-  $("frames").innerHTML = "";
-  $("preview").innerHTML = "";
-  $("media-info").textContent = "";
-  if (previewURL) URL.revokeObjectURL(previewURL);
-  previewURL = null;
-  if (!file) return;
+  if (!file || uploading) return;
+  if (busy) {
+    showError(`wait for the answer to finish, then choose ${file.name} again`);
+    return;
+  }
+  showError("");
   if (file.size > maxUploadMB * 1048576) {
     const mb = (file.size / 1048576).toFixed(1);
     showError(`${file.name} is ${mb} MB; this server takes files of up to ${maxUploadMB} MB`);
     return;
   }
-  const isVideo = file.type.startsWith("video/");
-  if (isVideo || file.type.startsWith("image/")) {  // the browser shows what it can; the frames come from the server
-    previewURL = URL.createObjectURL(file);
-    const el = document.createElement(isVideo ? "video" : "img");
-    el.src = previewURL;
-    if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
-    $("preview").appendChild(el);
-  }
-  $("media-info").textContent = "reading frames…";
+  const info0 = $("media-info").textContent;
+  $("media-info").textContent = `reading ${file.name}…`;
+  uploading = true;
   $("send").disabled = true;
   try {
-    const resp = await fetch("/v1/media", {method: "POST", body: file,
-                                           headers: {"Content-Type": file.type || "application/octet-stream"}});
+    const resp = await fetch(`/v1/media?name=${encodeURIComponent(file.name)}`, {method: "POST", body: file,
+                             headers: {"Content-Type": file.type || "application/octet-stream"}});
     if (!resp.ok) throw new Error(await errorText(resp));
     const info = await resp.json();
     const url = await readDataURL(file);
+    newChat();
     mediaPart = info.kind === "video" ? {type: "video_url", video_url: {url}} : {type: "image_url", image_url: {url}};
+    $("preview").innerHTML = "";
+    if (previewURL) URL.revokeObjectURL(previewURL);
+    previewURL = null;
+    const isVideo = file.type.startsWith("video/");
+    if (isVideo || file.type.startsWith("image/")) {  // the browser shows what it can; the frames come from the server
+      previewURL = URL.createObjectURL(file);
+      const el = document.createElement(isVideo ? "video" : "img");
+      el.src = previewURL;
+      if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
+      $("preview").appendChild(el);
+    }
     const what = info.kind === "video" ? `${info.frames} frame${info.frames === 1 ? "" : "s"}` : "image";
     $("media-info").textContent = `${file.name}: ${what}, ${info.visual_tokens} visual tokens ` +
                                   `(context ${info.context_length})`;
+    $("frames").innerHTML = "";
     info.thumbnails.forEach((src, i) => {
       const fig = document.createElement("figure");
       const img = document.createElement("img");
@@ -1149,18 +1180,19 @@ async function chooseFile(file) {
       $("frames").appendChild(fig);
     });
   } catch (e) {
-    $("media-info").textContent = "";
-    $("preview").innerHTML = "";
-    showError(`${file.name}: ${e.message || e}`);
+    $("media-info").textContent = info0;
+    showError(failure(e, `send ${file.name}`));
   } finally {
-    $("send").disabled = false;
+    uploading = false;
+    $("send").disabled = busy;
+    $("file").value = "";  // choosing the same file again is a new choice
   }
 }
 
 async function ask(event) {
   event.preventDefault();
   const question = $("question").value.trim();
-  if (busy || !question) return;
+  if (busy || uploading || !question) return;
   showError("");
   const content = [];
   if (mediaPart && !messages.some((m) => Array.isArray(m.content))) content.push(mediaPart);
@@ -1205,7 +1237,7 @@ async function ask(event) {
               answer += choice.delta.content;
               textEl.textContent = answer;
               div.dataset.chunks = String(Number(div.dataset.chunks) + 1);
-              $("log").scrollTop = $("log").scrollHeight;
+              scrollDown();
             }
             if (choice.finish_reason) finish = choice.finish_reason;
           }
@@ -1219,16 +1251,17 @@ async function ask(event) {
     meta.textContent = (usage ? `${usage.prompt_tokens} prompt tokens · ${usage.completion_tokens} new · ` : "") +
                        `${seconds} s` + (finish === "length" ? " · cut at max tokens" : "");
     div.appendChild(meta);
+    scrollDown();
     div.dataset.done = "1";
   } catch (e) {
     userDiv.remove();
     div.remove();
     $("question").value = question;
-    showError(String(e.message || e));
+    showError(failure(e, "ask"));
   } finally {
     div.classList.remove("pending");
     busy = false;
-    $("send").disabled = false;
+    $("send").disabled = uploading;
   }
 }
 
@@ -1243,6 +1276,7 @@ $("question").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask").requestSubmit(); }
 });
 $("reset").addEventListener("click", newChat);
+$("error").addEventListener("click", () => showError(""));
 
 (async () => {
   try {

@@ -667,43 +667,113 @@ def test_allowed_origins(engine):
 # ----------------------------------------------------------------------------------------------------------
 # the page, in a real browser
 
-def test_browser_chat(world, tmp_path):
+@contextmanager
+def chromium():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    shot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "serve_screenshot.png"))
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 760})
-            page.set_default_timeout(30_000)
-            page_errors = []
-            page.on("pageerror", lambda e: page_errors.append(str(e)))
-            page.goto(world.url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.startsWith('video')")
-
-            page.set_input_files("#file", str(world.clip))
-            page.wait_for_function(f"document.querySelectorAll('#frames img').length === {FRAMES}")
-            assert "3 frames" in page.text_content("#media-info")
-            page.fill("#temperature", "0")
-            page.fill("#max-tokens", str(NEW))
-            page.fill("#question", QUESTION)
-            page.click("#send")
-            page.wait_for_selector(".msg.assistant[data-done='1']")
-            assert page.text_content(".msg.assistant .text") == world.answer
-            assert int(page.get_attribute(".msg.assistant", "data-chunks")) >= 2  # it arrived in pieces
-            assert "prompt tokens" in page.text_content(".msg.assistant .meta")
-
-            page.fill("#question", FOLLOW_UP)  # the second turn, sent with Enter, as sample.py's chat answers it
-            page.press("#question", "Enter")
-            page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='1']")
-            assert page.text_content(".msg.assistant:nth-of-type(4) .text") == world.chat[1]
-            shot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shot))
-
-            page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a video"})
-            page.wait_for_selector("#error", state="visible")
-            assert "not an image or a video" in page.text_content("#error")
-            assert page_errors == []
+            yield browser
         finally:
             browser.close()
+
+
+def open_page(browser, world, width, height):
+    """The chat page, connected; and the list its script errors go to."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(30_000)
+    page_errors = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(world.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.startsWith('video')")
+    return page, page_errors
+
+
+def screenshot_path(tmp_path, suffix=""):
+    shot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "serve_screenshot.png"))
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    return shot.with_name(shot.stem + suffix + shot.suffix)
+
+
+def test_browser_chat(world, long_clip, tmp_path):
+    shot = screenshot_path(tmp_path)
+    with chromium() as browser:
+        page, page_errors = open_page(browser, world, 1200, 760)
+        page.set_input_files("#file", str(world.clip))
+        page.wait_for_function(f"document.querySelectorAll('#frames img').length === {FRAMES}")
+        assert "3 frames" in page.text_content("#media-info")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", str(NEW))
+        page.fill("#question", QUESTION)
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done='1']")
+        assert page.text_content(".msg.assistant .text") == world.answer
+        assert int(page.get_attribute(".msg.assistant", "data-chunks")) >= 2  # it arrived in pieces
+        assert "prompt tokens" in page.text_content(".msg.assistant .meta")
+
+        page.fill("#question", FOLLOW_UP)  # the second turn, sent with Enter, as sample.py's chat answers it
+        page.press("#question", "Enter")
+        page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='1']")
+        assert page.text_content(".msg.assistant:nth-of-type(4) .text") == world.chat[1]
+        page.screenshot(path=str(shot))
+
+        page.set_input_files("#file", {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not a video"})
+        page.wait_for_selector("#error", state="visible")
+        assert "not an image or a video" in page.text_content("#error")
+
+        def unchanged():  # a refused file leaves the conversation and its video as they were
+            assert page.locator(".msg").count() == 4
+            assert page.locator("#frames img").count() == FRAMES and page.locator("#preview video").count() == 1
+            assert page.text_content("#media-info").startswith(f"{world.clip.name}: 3 frames")
+        unchanged()
+        # the file the server cannot decode: one sentence that names it once
+        page.set_input_files("#file", {"name": "broken.mp4", "mimeType": "video/mp4", "buffer": b"not a video" * 50})
+        page.wait_for_function("document.getElementById('error').textContent.startsWith('broken.mp4 ')")
+        error = page.text_content("#error")
+        assert error.count("broken.mp4") == 1 and "could not be read" not in error and "uploaded" not in error
+        assert "Errno" not in error and error.count(": ") == 0, error
+        unchanged()
+        # a video too long for the context: said at upload
+        page.set_input_files("#file", str(long_clip))
+        page.wait_for_function("document.getElementById('error').textContent.startsWith('long.mp4 is too long')")
+        assert "--max-frames" in page.text_content("#error")
+        unchanged()
+        page.screenshot(path=str(screenshot_path(tmp_path, "_refused")))
+
+        with page.expect_request("**/v1/chat/completions") as sent:  # the third turn still carries the video
+            page.fill("#question", QUESTION)
+            page.press("#question", "Enter")
+        messages = json.loads(sent.value.post_data)["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+        assert messages[0]["content"][0] == video_part(data_url(world.clip, "video/mp4"))
+        page.wait_for_selector(".msg.assistant:nth-of-type(6)[data-done='1']")
+        assert page.is_hidden("#error")
+        assert page_errors == []
+
+
+def test_browser_phone(world, tmp_path):
+    """At 390 x 844 the conversation gets most of the screen (it had ~200 px under the player) and the last
+    answer, its token counts included, is in view."""
+    width, height = 390, 844
+    with chromium() as browser:
+        page, page_errors = open_page(browser, world, width, height)
+        page.set_input_files("#file", str(world.clip))
+        page.wait_for_function(f"document.querySelectorAll('#frames img').length === {FRAMES}")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "48")
+        for question in (QUESTION, FOLLOW_UP):
+            page.fill("#question", question)
+            page.press("#question", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === "
+                                   f"{1 + (question == FOLLOW_UP)}")
+        page.screenshot(path=str(screenshot_path(tmp_path, "_phone")))
+        log = page.locator("#log").bounding_box()
+        last = page.locator(".msg.assistant").last.bounding_box()
+        assert log["height"] >= height / 2, log
+        assert log["y"] <= last["y"] and last["y"] + last["height"] <= log["y"] + log["height"] + 1, (log, last)
+        for box in (page.locator("#frames").bounding_box(), page.locator("#send").bounding_box()):
+            assert box["y"] >= 0 and box["y"] + box["height"] <= height and box["x"] + box["width"] <= width
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing sideways
+        assert page_errors == []

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import PREFILL_CHUNK, LLaMA, LLaMAConfig, RMSNorm, generate
+from generate import PREFILL_CHUNK, generate
+from model import LLaMA, LLaMAConfig, RMSNorm
 from quantize import Int4Linear, quantize_linear, quantize_model
 from tokens import TokenConfig, VisualTokenizer, _projector
 from vision import EVAConfig, EVAViT

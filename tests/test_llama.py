@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from model import LLaMA, generate
+from generate import compiled_block, generate, sample_next
+from model import LLaMA, Block
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +129,6 @@ def test_generate_stops_at_eos(tmp_path):
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from model import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
     seen = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
@@ -209,7 +209,7 @@ def test_compiled_prefill_matches_hf(tmp_path):
             want = ref(tokens).logits[:, -1]
             ours.setup_cache(1, 64)
             got = ours(embeds=ours.tok_embeddings(tokens), input_pos=torch.arange(length), logits_from=length - 1,
-                       compile_blocks=True)[:, -1]
+                       block_fn=compiled_block(Block))[:, -1]
         assert_close(got, want)
         want_ids = ref.generate(tokens, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
         ours.clear_cache()

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LLaMA, LLaMAConfig, generate
+from generate import generate
+from model import LLaMA, LLaMAConfig
 from quantize import (Int4Linear, Int8Linear, dequantize_int4, int4_backend, pack_int4, quantize_int4, quantize_int8,
                       quantize_linear, quantize_model, unpack_int4)
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, hf_to_ours, ours_to_hf
+from checkpoint import (LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, find_bert_vocab, find_vision_weights,
+                        hf_to_ours, ours_to_hf, read_config)
 
 # A LoRA layer adds a low-rank path beside a frozen projection:  y = base(x) + scaling * B(A(dropout(x)))
 # with A (r, in) random (kaiming-uniform, as nn.Linear and peft initialise it), B (out, r) zero, so training starts
@@ -586,7 +587,7 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     Vicuna / LLaMA directory, or a LLaMA-VID checkpoint such as the stage-1 output), the token generator from
     model_base overlaid with lora_dir's non_lora_trainables.bin, then the adapters (merged by default, like the
     original's builder; merge=False keeps LoRALinear layers). Merged, it can be quantised afterwards."""
-    from model import LlamaVID, find_bert_vocab, find_vision_weights, load_llm_and_rest, read_config
+    from model import LlamaVID, load_llm_and_rest
     from tokens import VisualTokenizer
     from vision import EVAViT, image_size_from_config
     lora_dir, model_base = Path(lora_dir), Path(model_base)

@@ -1,18 +1,15 @@
 """The LLaMA-2 / Vicuna decoder written out in plain PyTorch, the LlamaVID model that splices visual tokens
 into its prompt, checkpoint loading from the original HF directories, and generation."""
-import json
-import math
-import os
-import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import (TOKEN_PREFIXES, VISION_PREFIX, check_config, checkpoint_dir, find_bert_vocab,
+                        find_vision_weights, hf_to_ours, is_hub_id, load_weights, ours_to_hf, read_config)
 from generate import generate
 
 try:  # optional: flash-attn's kernels when installed; SDPA (which has flash kernels of its own) otherwise
@@ -74,39 +71,6 @@ class LLaMAConfig:
 
 VICUNA_7B = LLaMAConfig()
 VICUNA_13B = LLaMAConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
-
-# config.json fields the loaders read and what each must hold when present (null counts as absent): a wrong type
-# would otherwise surface deep inside a constructor
-CONFIG_FIELDS = {
-    "vocab_size": int, "hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int,
-    "num_key_value_heads": int, "intermediate_size": int, "max_position_embeddings": int, "rms_norm_eps": float,
-    "rope_theta": float, "rope_scaling": dict, "rope_parameters": dict, "mm_hidden_size": int, "video_token": int,
-    "qformer_num_heads": int, "image_processor": str, "mm_vision_tower": str, "compress_type": str,
-    "bert_type": str, "mm_projector_type": str, "mm_vision_select_feature": str,
-}
-_WANT = {int: "a positive integer", float: "a positive number", str: "a string", dict: "an object"}
-
-
-def _field_ok(value, kind) -> bool:
-    if kind in (int, float):
-        number = (int,) if kind is int else (int, float)
-        return isinstance(value, number) and not isinstance(value, bool) and 0 < value < math.inf
-    return isinstance(value, kind)
-
-
-def check_config(hf, source="config.json"):
-    """Raise a one-line ValueError naming source and the field when a config.json field has the wrong type."""
-    if not isinstance(hf, dict):
-        raise ValueError(f"{source} holds a JSON {type(hf).__name__}, not an object: not a checkpoint config")
-    fields = [(key, hf.get(key), kind) for key, kind in CONFIG_FIELDS.items()]
-    for group in ("rope_scaling", "rope_parameters"):
-        if isinstance(hf.get(group), dict):
-            fields += [(f"{group}.{k}", hf[group].get(k), float) for k in ("factor", "rope_theta")]
-    for key, value, kind in fields:
-        if value is not None and not _field_ok(value, kind):
-            raise ValueError(f"{source}: {key!r} is {json.dumps(value)[:60]}, expected {_WANT[kind]}; "
-                             "the file is damaged or was edited by hand: fix it or fetch it again")
-
 
 # ----------------------------------------------------------------------------------------------------------
 # building blocks
@@ -372,184 +336,8 @@ class LLaMA(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoint loading
-
-# HF LLaMA names on the left, ours on the right; None = stored but not a weight (skipped).
-LLAMA_KEYS = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
-    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_UNMAPPED = object()
-
-
-def hf_to_ours(key: str):
-    """Our name for an HF LLaMA key; None to skip it; _UNMAPPED when the table does not know it."""
-    generic = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
-    if generic not in LLAMA_KEYS:
-        return _UNMAPPED
-    ours = LLAMA_KEYS[generic]
-    if ours is None:
-        return None
-    m = re.search(r"\.(\d+)\.", key)
-    return ours.format(m.group(1)) if m else ours
-
-
-def ours_to_hf(key: str) -> str:
-    """The inverse of hf_to_ours (for saving in the original layout)."""
-    generic = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
-    for hf, ours in LLAMA_KEYS.items():
-        if ours == generic:
-            m = re.search(r"\.(\d+)\.", key)
-            return hf.format(m.group(1)) if m else hf
-    raise KeyError(key)
-
-
-def read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg = path / "config.json"
-    if not cfg.exists():
-        raise FileNotFoundError(f"{cfg} is missing: a checkpoint directory needs the config.json it was saved with")
-    try:
-        hf = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg} is not valid JSON ({e})") from None
-    check_config(hf, cfg)
-    return hf
-
-
-def checkpoint_files(path: Path) -> list:
-    """The weight files of an HF checkpoint directory, in load order; every file the index names must exist."""
-    path = Path(path)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = path / index_name
-        if index.exists():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ValueError(f"{index} is not a valid shard index ({e!r})") from None
-            missing = [n for n in names if not (path / n).exists()]
-            if missing:
-                raise FileNotFoundError(f"{path}: shard(s) listed in {index_name} are missing: {', '.join(missing)}; "
-                                        "copy the complete checkpoint directory")
-            return [path / n for n in names]
-    for pattern in ("model.safetensors", "pytorch_model.bin", "*.safetensors"):
-        files = sorted(path.glob(pattern))
-        if files:
-            return files
-    raise FileNotFoundError(f"no weights in {path}: expected pytorch_model.bin, pytorch_model-*.bin with "
-                            "pytorch_model.bin.index.json, or *.safetensors")
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
-def load_pickle(file: Path):
-    """torch.load of a .bin / .pth file with weights_only=True: tensors and plain containers, and no code runs.
-    A file that cannot be read this way is a one-line ValueError that says why: truncated or foreign, or holding
-    pickled objects other than tensors (a pickle may run any code when loaded: such a file is refused)."""
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        # the weights-only unpickler stops at the first global, call or object it does not allow; other
-        # unpickling errors are damaged data
-        found = re.search(r"GLOBAL (\S+)|unrecognized function (\S+)|got (<class \S+)|module (\S+) is blocked", str(e))
-        if found:
-            what = next(g for g in found.groups() if g).strip("'>,.").removeprefix("<class '")
-            raise ValueError(f"{file} holds pickled Python objects other than tensors ({what}), which could run "
-                             "code when loaded: it was not loaded. Use a checkpoint from a trusted source") from None
-        raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
-                         "checkpoint, download it again") from None
-    except Exception as e:  # a truncated or foreign file: say which one, not where in torch it broke
-        raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
-                         "checkpoint, download it again") from None
-
-
-def iter_tensors(file: Path) -> Iterator:
-    """(name, tensor) pairs of one weight file. Pickles are read with weights_only=True: no code runs."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-        try:  # one tensor at a time, so a shard is never held whole in memory beside the model
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except Exception as e:
-            raise ValueError(f"cannot read weight file {file}: {_first_line(e)}; the file is truncated or not a "
-                             "checkpoint, download it again") from None
-        return
-    state = load_pickle(file)
-    if not isinstance(state, dict):
-        raise ValueError(f"{file} does not hold a state dict (found {type(state).__name__})")
-    if "model" in state and isinstance(state["model"], dict):  # LAVIS style {'model': {...}}
-        state = state["model"]
-    yield from state.items()
-
-
-def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, device="cpu",
-                 files=None, strict_missing: bool = True, side: Optional[dict] = None) -> set:
-    """Fill a model built on the meta device from a checkpoint directory, one weight file at a time.
-
-    rename(checkpoint_key) -> our parameter name, None to skip the key, _UNMAPPED for a key we do not know, or
-    (group, key) to set the tensor aside in side[group][key] for another module's loader.
-    Unknown, missing and wrongly shaped keys are collected and reported together. Returns the loaded names.
-    """
-    model.to(dtype=dtype).to_empty(device=device)  # allocate once, in the final dtype
-    params = dict(model.named_parameters())
-    params.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
-    loaded, unexpected, bad_shape = set(), [], []
-    for file in (files or checkpoint_files(path)):
-        for key, tensor in iter_tensors(file):
-            name = rename(key)
-            if name is None:
-                continue
-            if isinstance(name, tuple):
-                side[name[0]][name[1]] = tensor
-                continue
-            if name is _UNMAPPED or name not in params:
-                unexpected.append(key)
-                continue
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                bad_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(params[name].shape)}")
-                continue
-            with torch.no_grad():
-                params[name].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
-            loaded.add(name)
-    missing = [n for n in params if n not in loaded] if strict_missing else []
-    if unexpected or missing or bad_shape:
-        parts = []
-        if bad_shape:
-            parts.append("wrong shape: " + "; ".join(bad_shape[:10]))
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(missing[:10]))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:10]))
-        raise ValueError(f"checkpoint {path} does not match the model config.json describes: " + " | ".join(parts))
-    return loaded
-
-
-# ----------------------------------------------------------------------------------------------------------
 # LLaMA-VID: the EVA tower, the visual token generator and the LLM, with visual tokens spliced into the prompt
 
-VISION_PREFIX = "model.vision_tower.vision_tower."
-TOKEN_PREFIXES = ("model.vlm_att_", "model.mm_projector.")
 
 
 class LlamaVID(nn.Module):
@@ -711,7 +499,7 @@ class LlamaVID(nn.Module):
 
         Vision weights come from the directory when it holds them (the long-video model), else from the first
         of: vision_path, eva_vit_g.pth in the directory, eva_vit_g.pth beside it, config.json's mm_vision_tower,
-        the download cache (vision.eva_cache_path). download: fetch the EVA weights and bert-base-uncased's
+        the download cache (checkpoint.eva_cache_path). download: fetch the EVA weights and bert-base-uncased's
         vocab.txt when they are found nowhere locally (default: when model_dir is a Hub id).
         """
         from tokens import VisualTokenizer
@@ -764,142 +552,3 @@ def load_llm_and_rest(path: Path, hf: dict, dtype, device):
     return llm, side
 
 
-def find_vision_weights(model_dir: Path, hf: dict, vision_path=None, download: bool = False) -> Path:
-    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order; with download, fetched
-    once into vision.eva_cache_path() when found nowhere (never when HF_HUB_OFFLINE is set)."""
-    from vision import download_eva_weights, eva_cache_path, eva_url
-    candidates = [Path(vision_path)] if vision_path else []
-    candidates += [model_dir / "eva_vit_g.pth", model_dir.parent / "eva_vit_g.pth"]
-    if hf.get("mm_vision_tower"):
-        candidates.append(Path(hf["mm_vision_tower"]))  # relative to the working directory, as the original
-    candidates.append(eva_cache_path())
-    for c in candidates:
-        if c.is_file():
-            return c
-    if vision_path:
-        raise FileNotFoundError(f"vision weights {vision_path} do not exist")
-    if download and not hub_offline():
-        return download_eva_weights()
-    raise FileNotFoundError("EVA-ViT-g weights (eva_vit_g.pth) not found; looked in: "
-                            + ", ".join(str(c) for c in candidates) + ". Pass --vision-path eva_vit_g.pth, or "
-                            f"download {eva_url()} to {eva_cache_path()}"
-                            + (" (HF_HUB_OFFLINE is set: nothing is downloaded)" if download else ""))
-
-
-BERT_ID = "bert-base-uncased"  # the Q-Former's WordPiece vocabulary, on the Hugging Face Hub
-
-
-def find_bert_vocab(model_dir: Path, bert_path=None, download: bool = False) -> Path:
-    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it); with download, fetched
-    from the Hugging Face Hub into its cache when found nowhere locally."""
-    candidates = []
-    if bert_path:
-        p = Path(bert_path)
-        candidates.append(p / "vocab.txt" if p.is_dir() else p)
-    candidates += [model_dir / "vocab.txt", model_dir.parent / BERT_ID / "vocab.txt"]
-    candidates += sorted(hf_cache_dir().glob(f"models--{BERT_ID}/snapshots/*/vocab.txt"))
-    for c in candidates:
-        if c.is_file():
-            return c
-    if download:  # its config.json too: the Q-Former's head count is read from beside the vocabulary
-        hub_download(BERT_ID, "config.json")
-        return hub_download(BERT_ID, "vocab.txt")
-    raise FileNotFoundError("the Q-Former's WordPiece vocabulary (bert-base-uncased vocab.txt) was not found; "
-                            "looked in: " + ", ".join(str(c) for c in candidates) + ". Download bert-base-uncased's "
-                            "vocab.txt and pass --bert-path, or put it in the checkpoint directory")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# released checkpoints by Hugging Face Hub id. huggingface_hub is optional: imported only when an id is given.
-# Its environment variables apply: HF_HOME / HF_HUB_CACHE (where files go), HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN.
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
-# what a checkpoint directory needs; a repository's other files (training_args.bin, optimizer states, checkpoints
-# in subfolders) are never fetched
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer.model",
-             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "adapter_config.json",
-             "vocab.txt"]
-HUB_SKIP = ["*/*", "training_args.bin", "optimizer*", "scheduler*", "rng_state*"]
-
-
-def is_hub_id(path_or_id) -> bool:
-    """'owner/name' that is no existing local path."""
-    return (isinstance(path_or_id, (str, Path)) and bool(HUB_ID.fullmatch(str(path_or_id)))
-            and not Path(path_or_id).exists())
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, as huggingface_hub places it: $HF_HUB_CACHE, else $HF_HOME/hub, else
-    $XDG_CACHE_HOME/huggingface/hub or ~/.cache/huggingface/hub."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
-
-
-def checkpoint_dir(path_or_id) -> Path:
-    """The local directory a --model-path names. An existing path stays as it is; 'owner/name' that is no local
-    path is a Hugging Face Hub id: the files a checkpoint needs (HUB_FILES) are fetched into the HF cache, once,
-    and the cached snapshot's directory is returned (from the cache alone when HF_HUB_OFFLINE is set)."""
-    if not is_hub_id(path_or_id):
-        return Path(path_or_id)
-    repo_id = str(path_or_id)
-    folder = hub_download(repo_id, allow_patterns=HUB_FILES, ignore_patterns=HUB_SKIP)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no config.json: not a model checkpoint")
-    for index in folder.glob("*.index.json"):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError):
-            continue  # checkpoint_files says what is wrong with it
-        missing = sorted(str(n) for n in shards if not (folder / str(n)).is_file())
-        if missing:
-            raise FileNotFoundError(f"{repo_id}: {index.name} lists {', '.join(missing)}, which the Hub repository "
-                                    f"(or its cached copy in {folder}) lacks; the checkpoint is incomplete")
-    return folder
-
-
-def hub_download(repo_id: str, filename: Optional[str] = None, **snapshot_kw) -> Path:
-    """One file (hf_hub_download) or a filtered snapshot (snapshot_download) of a Hub model, through the HF cache
-    with huggingface_hub's progress bars. Its errors become one line naming the id and what to do."""
-    try:
-        import huggingface_hub as hub
-        from huggingface_hub import constants, errors
-    except ImportError:
-        raise ValueError(f"{repo_id} is not a local path, so it is read as a Hugging Face Hub id, which needs "
-                         "huggingface_hub: pip install -U huggingface_hub") from None
-    what = f"{filename} of {repo_id}" if filename else repo_id
-
-    def err(*names):  # the error classes of this huggingface_hub version (an empty tuple matches nothing)
-        return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
-    try:
-        if filename:
-            return Path(hub.hf_hub_download(repo_id, filename))
-        return Path(hub.snapshot_download(repo_id, **snapshot_kw))
-    except err("GatedRepoError"):
-        raise ValueError(f"{repo_id} is gated on the Hugging Face Hub: accept its terms on its page, then log in "
-                         "(hf auth login or HF_TOKEN)") from None
-    except err("RepositoryNotFoundError"):
-        raise ValueError(f"{repo_id} is neither a local directory nor a model on the Hugging Face Hub "
-                         f"({constants.ENDPOINT}): check the name (a private model needs hf auth login)") from None
-    except err("RevisionNotFoundError"):
-        raise ValueError(f"{repo_id} on the Hugging Face Hub has no main revision") from None
-    except err("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # not cached, and no Hub to ask
-        cache = constants.HF_HUB_CACHE
-        if constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(f"{what} is not (completely) in the Hugging Face cache {cache} and HF_HUB_OFFLINE "
-                                    "is set: run once with network access to fetch it") from None
-        raise FileNotFoundError(f"{what}: the Hugging Face Hub ({constants.ENDPOINT}) could not be reached and "
-                                f"the cache {cache} has no complete copy; check the network connection (and "
-                                "HF_ENDPOINT), or give a local directory") from None
-    except err("EntryNotFoundError"):
-        raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no {filename or 'such file'}") from None
-    except err("HfHubHTTPError", "FileMetadataError") as e:
-        raise FileNotFoundError(f"could not fetch {what} from the Hugging Face Hub ({_first_line(e)}); "
-                                "try again later") from None
-    except err("HFValidationError"):
-        raise ValueError(f"{repo_id} is neither a local path nor a valid Hugging Face Hub id") from None

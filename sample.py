@@ -339,7 +339,7 @@ def lora_base(lora_dir: Path) -> Path:
     """The checkpoint a LoRA run names as its base (adapter_config.json's base_model_name_or_path), when that
     directory exists here; otherwise the user must say it."""
     from lora import read_adapter_config
-    from model import is_hub_id
+    from checkpoint import is_hub_id
     named = read_adapter_config(lora_dir).get("base_model_name_or_path")
     if named and ((Path(named) / "config.json").is_file() or is_hub_id(named)):
         return named
@@ -362,7 +362,7 @@ def load_model(args, load_vision=True):
             raise ValueError("no --model-path given and no trained tiny model in out/shapes "
                              "(train one with: python train.py config/shapes.py)")
         model_path = DEFAULT_MODEL
-    from model import checkpoint_dir, is_hub_id
+    from checkpoint import checkpoint_dir, is_hub_id
     download = is_hub_id(model_path)  # a released model by Hub id: its EVA weights and BERT vocabulary come too
     model_path, lora_dir = checkpoint_dir(model_path), lora_dir and checkpoint_dir(lora_dir)
     device = pick_device(args.device)

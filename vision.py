@@ -1,12 +1,8 @@
 """EVA-ViT-g/14, the frozen vision tower of LLaMA-VID (BLIP-2's penultimate-layer EVA), written from scratch,
 with the CLIP image/frame preprocessing of the original and loading of LAVIS `eva_vit_g.pth` weights."""
 
-import http.client
 import math
-import os
 import re
-import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from model import load_pickle
+from checkpoint import load_pickle
 
 # OpenAI CLIP statistics, as in the original's clip-patch14-{224,336} preprocessor_config.json
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_DIM = 88  # EVA-g's head width; LAVIS builds num_heads = width // 88
 LONG_PREFIX = "model.vision_tower.vision_tower."  # where the released long-video checkpoint keeps the tower
-# LAVIS publishes the weights outside the Hugging Face Hub; the variables let a mirror (or a test) stand in
-EVA_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
-EVA_URL_ENV, CACHE_ENV = "LLAMAVID_EVA_URL", "LLAMAVID_CACHE"
 
 
 @dataclass
@@ -196,49 +188,6 @@ class EVAViT(nn.Module):
         sd = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)
         return model.requires_grad_(False).eval()  # frozen in every stage of LLaMA-VID
-
-
-def eva_url() -> str:
-    return os.environ.get(EVA_URL_ENV) or EVA_URL
-
-
-def eva_cache_path() -> Path:
-    """Where downloaded EVA weights are kept: $LLAMAVID_CACHE/eva_vit_g.pth, by default ~/.cache/llamavid
-    ($XDG_CACHE_HOME/llamavid when that is set). Not in the Hugging Face cache, which holds Hub repositories only."""
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamavid"
-    return Path(root).expanduser() / "eva_vit_g.pth"
-
-
-def download_eva_weights(dest=None, url=None) -> Path:
-    """Fetch LAVIS eva_vit_g.pth (about 2 GB) to dest (default eva_cache_path()) unless it is there; returns
-    its path. The bytes go to a temporary file in the same folder, renamed only once complete, so an interrupted
-    download never leaves a partial eva_vit_g.pth."""
-    dest, url = Path(dest or eva_cache_path()), url or eva_url()
-    if dest.is_file():
-        return dest
-    tmp = None
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if total is not None and f.tell() != total:
-                raise OSError(f"the connection closed after {f.tell()} of {total} bytes")
-        os.replace(tmp, dest)
-        tmp = None
-    # URLError and HTTPError are OSErrors; HTTPException: a broken response; ValueError: a malformed URL
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise FileNotFoundError(f"could not download the EVA-ViT-g weights from {url} ({reason}); download "
-                                f"eva_vit_g.pth yourself and pass --vision-path, or put it at {dest}") from None
-    finally:
-        if tmp is not None:  # an error or an interrupt (Ctrl-C): no partial file stays behind
-            Path(tmp).unlink(missing_ok=True)
-    return dest
 
 
 def resize_pos_embed(pos_embed, grid):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
-from model import LlamaVID, checkpoint_dir
+from checkpoint import checkpoint_dir
+from model import LlamaVID
 
 hub_constants = pytest.importorskip("huggingface_hub.constants")
 

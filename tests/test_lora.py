@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, load_lora_model, load_non_lora_trainables,
                   lora_layers, lora_state_dict, merge_lora, merge_peft_lora, merged_state_dict, quantize_base,
                   save_adapters)
-from model import LLaMA, LlamaVID, checkpoint_files, hf_to_ours, iter_tensors, ours_to_hf
+from checkpoint import checkpoint_files, hf_to_ours, iter_tensors, ours_to_hf
+from model import LLaMA, LlamaVID
 from test_llama import assert_close, hf_llama, save_bin
 
 transformers = pytest.importorskip("transformers")

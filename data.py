@@ -1,27 +1,25 @@
-"""Data for LLaMA-VID: the LLaMA tokenizer, conversation templates, `<image>` splicing and label masking,
-then media loading, LLaVA-format datasets, collation and the synthetic dataset."""
+"""Data for LLaMA-VID: the LLaMA tokenizer, conversation templates, `<image>` splicing and label masking, the
+LLaVA-format datasets the original trains on, collation, and the synthetic dataset."""
 
-import hashlib
 import json
-import math
 import random
 import re
 import warnings
-from fractions import Fraction
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import av
 import numpy as np
 import sentencepiece as spm
 import torch
-from PIL import Image
+
+from media import (LONG_VIDEO_SUFFIXES, content_hash, import_feature_pkl, iter_video, load_image,  # noqa: F401
+                   load_subtitles, load_video, movie_message, movie_prompt, movie_video_input, preprocess_frames,
+                   preprocess_images, read_feature_cache, resize_frames, write_video)
+from model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 # ----------------------------------------------------------------------------------------------------
 # Text: tokenizer, prompts, labels
 
-IGNORE_INDEX = -100        # label value the loss skips
-IMAGE_TOKEN_INDEX = -200   # input id standing for the visual tokens of one image / one video
-IMAGE_TOKEN = "<image>"    # its placeholder in prompt text
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-start marker
 
 
@@ -216,339 +214,9 @@ def preprocess(source, tokenizer, template, has_image=True, rng=None, max_len=20
     return torch.tensor(input_ids), torch.tensor(labels), guided
 
 
-# ----------------------------------------------------------------------------------------------------
-# Media: images, videos, subtitles, content hashes
-
-def load_image(path):
-    """An image file as an RGB PIL image. EXIF orientation is not applied, as in the original (LLaVA's
-    Image.open(...).convert("RGB")), so the model sees the pixels it was trained and evaluated on."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path} does not exist; check the path (and the image folder "
-                                f"that the data file's paths are relative to)")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() reads the pixels, so the file can be closed here
-    except PermissionError:
-        raise
-    except (OSError, SyntaxError) as e:  # UnidentifiedImageError is an OSError; so is a truncated file
-        raise ValueError(f"{path} is not an image Pillow can read ({e}); re-save it as PNG or JPEG") from None
-
-
-# Frame sampling. The original reads videos with decord and keeps frame indices 0, g, 2g, ... with
-# g = round(average fps / fps), calling frame i's time i / average fps. For a constant-rate video whose rate is
-# a multiple of `fps` that is exactly "the first frame at or after each k / fps seconds". We apply that rule to
-# the stream's real timestamps, so variable-frame-rate files (phones, screen recordings) and rates like 29.97
-# or 15 at fps=2 stay on the clock instead of drifting. When one frame is the first at or after several
-# targets (a gap in a variable-rate file) it is kept once: we keep the first frame of every 1/fps-wide time
-# slot that has one, and return each kept frame's true time.
-VIDEO_TIME_EPS = 1e-3  # s; containers round timestamps (Matroska to the millisecond): this early still counts
-
-
-def _open_video(path):
-    """(container, video stream) of a file, or an error saying what is wrong with it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path} does not exist; check the path (and the video folder "
-                                f"that the data file's paths are relative to)")
-    try:
-        container = av.open(str(path))
-    except PermissionError:
-        raise
-    except av.error.FFmpegError as e:
-        raise ValueError(f"{path} is not a video FFmpeg can open ({e}); check that the file is complete and is a "
-                         f"video (mp4, mkv, webm, avi, ...)") from None
-    # the cover art of an audio file is a one-picture "video" stream: not a video
-    streams = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
-    if not streams:
-        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
-        container.close()
-        raise ValueError(f"{path} has no video stream (it holds {', '.join(kinds)}); pass a video file")
-    best = container.streams.best("video")  # what decord takes: FFmpeg's av_find_best_stream
-    return container, (best if any(best is s for s in streams) else streams[0])
-
-
-def _sampled(items, fps):
-    """Keep, from (item, t) pairs in presentation order, the first of every 1/fps-wide time slot (all items
-    when fps is None). Items before the stream start (t < 0) are never kept."""
-    next_slot = 0
-    for item, t in items:
-        if t + VIDEO_TIME_EPS < 0:
-            continue
-        slot = math.floor((t + VIDEO_TIME_EPS) * fps) if fps is not None else next_slot
-        if slot >= next_slot:
-            next_slot = slot + 1
-            yield item, t
-
-
-def _decoded(container, stream, path):
-    """(frame, seconds since the stream start) for every decoded frame. A decoding error after some frames (a
-    truncated download) ends the video with a warning; one before any frame is an error."""
-    origin, rate, t, n = stream.start_time, stream.average_rate or stream.guessed_rate or 25, None, 0
-    try:
-        for frame in container.decode(stream):
-            if frame.pts is None:  # no timestamp (some AVI / raw streams): assume the nominal rate
-                t = 0.0 if t is None else t + float(1 / rate)
-            else:
-                origin = frame.pts if origin is None else origin
-                t = float((frame.pts - origin) * (frame.time_base or stream.time_base))
-            n += 1
-            yield frame, t
-    except av.error.FFmpegError as e:
-        if n == 0:
-            raise ValueError(f"no decodable frame in {path}: it has a video stream but decoding failed ({e}); "
-                             f"the file is probably truncated or damaged: re-download or re-encode it") from None
-        warnings.warn(f"decoding {path} stopped after {n} frames ({e}); the file may be truncated: using those")
-
-
-def _packet_times(path):
-    """Timestamps of the video's frames read from its packets without decoding them, to count in advance how
-    many frames the sampling keeps (max_frames spreads its picks over that count)."""
-    container, stream = _open_video(path)
-    with container:
-        stamps = []
-        try:
-            for packet in container.demux(stream):
-                if packet.size:  # the demuxer ends with an empty flush packet
-                    stamps.append(packet.pts if packet.pts is not None else packet.dts)
-        except av.error.FFmpegError:
-            pass  # a truncated file: the decoding pass warns about it
-        if any(s is None for s in stamps):  # no timestamps: assume the nominal rate
-            rate = stream.average_rate or stream.guessed_rate or 25
-            return [i / float(rate) for i in range(len(stamps))]
-        origin = stream.start_time if stream.start_time is not None else min(stamps, default=0)
-        return sorted(float((s - origin) * stream.time_base) for s in stamps)
-
-
-def _upright(frame):
-    """The frame as an RGB uint8 array turned the way players show it. Phones store portrait video as landscape
-    pixels plus a display matrix; we apply it as FFmpeg's autorotate does, mirror images included."""
-    image = frame.to_ndarray(format="rgb24")
-    matrix = next((np.frombuffer(bytes(d), np.int32) for d in frame.side_data
-                   if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
-    if matrix is None:
-        return image
-    # FFmpeg's layout [a b u; c d v; x y w] sends a stored pixel (p, q) (q pointing down) to the displayed
-    # (a p + c q, b p + d q). Angles between quarter turns snap to the nearest one.
-    a, b, c, d = (int(v) for v in matrix[[0, 1, 3, 4]])
-    if abs(a) + abs(d) >= abs(b) + abs(c):
-        if a < 0:
-            image = image[:, ::-1]
-        if d < 0:
-            image = image[::-1]
-    else:  # a quarter turn: stored rows become displayed columns
-        image = image.transpose(1, 0, 2)  # image[p, q]: displayed column from q (c), row from p (b)
-        if c < 0:
-            image = image[:, ::-1]
-        if b < 0:
-            image = image[::-1]
-    return np.ascontiguousarray(image)
-
-
-def iter_video(path, fps=1.0, max_frames=None):
-    """The sampled frames of a video one at a time: an iterator of (uint8 (H, W, 3) upright RGB, seconds from
-    the stream start). Only the frames kept are converted to RGB, so any length of video streams through.
-
-    fps: frames per second to keep (see the sampling rule above); None keeps every frame.
-    max_frames: at most this many, spread evenly over the sampled ones (np.linspace over their indices, first
-    and last included); costs one extra pass over the file's packets, not a second decode."""
-    if fps is not None and not fps > 0:
-        raise ValueError(f"fps must be a positive number of frames per second (or None for all frames), got {fps!r}")
-    if max_frames is not None and (int(max_frames) != max_frames or max_frames < 1):
-        raise ValueError(f"max_frames must be a positive integer (or None for no cap), got {max_frames!r}")
-    keep = None
-    if max_frames is not None:
-        n = sum(1 for _ in _sampled(((None, t) for t in _packet_times(path)), fps))
-        if n > max_frames:
-            keep = set(np.linspace(0, n - 1, int(max_frames), dtype=int).tolist())
-            last = max(keep)
-    container, stream = _open_video(path)  # here, so a bad path raises at the call, not at the first frame
-    stream.thread_type = "AUTO"  # frame and slice threads
-
-    def frames():
-        with container:
-            n_kept = 0
-            for i, (frame, t) in enumerate(_sampled(_decoded(container, stream, path), fps)):
-                if keep is not None and i not in keep:
-                    if i > last:
-                        break
-                    continue
-                n_kept += 1
-                yield _upright(frame), t
-            if n_kept == 0:
-                raise ValueError(f"no decodable frame in {path}: its video stream gave no frame; the file is "
-                                 f"probably truncated or damaged: re-download or re-encode it")
-    return frames()
-
-
-def load_video(path, fps=1.0, max_frames=None):
-    """A video's sampled frames (uint8 (T, H, W, 3), upright RGB) and their times in seconds from the stream
-    start (the original's `frame_time`). The defaults give the original's 1 frame per second."""
-    frames, times = [], []
-    for frame, t in iter_video(path, fps, max_frames):
-        if frames and frame.shape != frames[0].shape:
-            raise ValueError(f"the frames of {path} change size mid-video ({frames[0].shape[:2]} then "
-                             f"{frame.shape[:2]}); use iter_video and resize each frame")
-        frames.append(frame)
-        times.append(t)
-    return np.stack(frames), times
-
-
-VFR_TIME_BASE = Fraction(1, 30000)  # timestamps of variable-rate files we write: ms, 1/24, 1/25, 1/30 s exact
-
-
-def write_video(path, frames, fps, times=None, codec="libx264", rotation=0, hflip=False, options=None):
-    """Encode uint8 RGB frames (T, H, W, 3) into a video file; the container comes from the suffix (.mp4, .mkv,
-    .avi, ...). Odd sizes work: libx264 then stores yuv444p (yuv420p needs even sizes), mpeg4 takes them as is.
-
-    times: per-frame timestamps in seconds, strictly increasing, for a variable-frame-rate file (fps is then
-    only the nominal rate in the header); by default frame i is at i / fps.
-    rotation, hflip: a display matrix telling players (and load_video) to turn the stored pixels `rotation`
-    degrees counter-clockwise, then mirror them, as phones do for portrait video (mp4 / mov only).
-    options: encoder options, e.g. {"crf": "18"} or {"qp": "0"} (lossless) for libx264."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be a non-empty uint8 array (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    if not fps > 0:
-        raise ValueError(f"fps must be positive, got {fps!r}")
-    if times is not None:
-        times = [float(t) for t in times]
-        if len(times) != len(frames) or any(b <= a for a, b in zip(times, times[1:])):
-            raise ValueError(f"times must give one strictly increasing timestamp per frame ({len(frames)} frames)")
-    try:
-        av.Codec(codec, "w")
-    except av.codec.codec.UnknownCodecError:
-        raise ValueError(f"this FFmpeg build has no {codec!r} encoder; use libx264 or mpeg4") from None
-    height, width = frames.shape[1:3]
-    odd = width % 2 or height % 2
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
-        stream.options = dict(options or {})
-        if times is not None:
-            stream.codec_context.time_base = VFR_TIME_BASE
-        if rotation or hflip:
-            stream.set_display_rotation(rotation, hflip=hflip)
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            if times is None:
-                frame.pts = i
-            else:
-                frame.pts, frame.time_base = round(times[i] / VFR_TIME_BASE), VFR_TIME_BASE
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush the encoder's delayed frames
-
-
-def content_hash(path):
-    """sha256 of a file's bytes (read in 1 MiB blocks): the key of feature caches."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot hash {path}: it does not exist")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# Subtitles and the hour-long video prompt (scripts/extra_tool/extract_video_features_subtitles.py builds the
-# text, llamavid/serve/run_llamavid_movie.py wraps it). The original transcribes the audio with Whisper; we
-# read .srt files, which give the same start/end/text records.
-SRT_TIME = re.compile(r"(\d+):(\d{1,2}):(\d{1,2})[,.](\d{1,3})\s*-->\s*(\d+):(\d{1,2}):(\d{1,2})[,.](\d{1,3})")
-SRT_MARKUP = re.compile(r"<[^>]*>|\{\\[^}]*\}")  # <i>, <font color=..>, and ASS overrides such as {\an8}
-MOVIE_START = "Below is a movie. Memorize the content and answer my question after watching this movie."
-MOVIE_END = "Now the movie end."
-
-
-def _srt_seconds(hours, minutes, seconds, fraction):
-    return round(int(hours) * 3600 + int(minutes) * 60 + int(seconds) + int(fraction) / 10 ** len(fraction), 3)
-
-
-def load_subtitles(srt_path):
-    """An .srt file as [{"start_time", "end_time", "text"}] (seconds, floats), sorted by start time. A cue's
-    lines are joined with a space and markup is stripped. UTF-8 (BOM tolerated) or UTF-16 with a BOM; other
-    bytes are read as Latin-1."""
-    path = Path(srt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"subtitle file not found: {path} does not exist")
-    raw = path.read_bytes()
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        text = raw.decode("utf-16")
-    else:
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            text = raw.decode("latin-1")
-    cues, cue, broken = [], None, []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        time = SRT_TIME.match(line)
-        if time and _srt_seconds(*time.groups()[4:]) < _srt_seconds(*time.groups()[:4]):
-            time = None  # ends before it starts
-        if not time and "->" in line:
-            broken.append(f"line {number}: {line[:60]!r}")
-            cue = None  # its text goes with no cue rather than onto the previous one
-            continue
-        if time:
-            if cue is not None and cue[2] and cue[2][-1].isdigit():
-                cue[2].pop()  # the next cue's index, written without a blank line before it
-            cue = (_srt_seconds(*time.groups()[:4]), _srt_seconds(*time.groups()[4:]), [])
-            cues.append(cue)
-        elif not line:
-            cue = None  # a blank line ends a cue; the index line that follows is skipped
-        elif cue is not None:
-            cue[2].append(line)
-    if not cues and text.strip():
-        raise ValueError(f"{path} holds no subtitle cues (lines like '00:00:01,500 --> 00:00:03,000'); pass an "
-                         f".srt file")
-    if broken:
-        warnings.warn(f"{path}: {len(broken)} subtitle cue(s) skipped, their timestamps are unreadable ("
-                      f"{'; '.join(broken[:3])}); write them as 'HH:MM:SS,mmm --> HH:MM:SS,mmm'")
-    subtitles = []
-    for start, end, lines in cues:
-        words = " ".join(SRT_MARKUP.sub("", line) for line in lines).split()
-        if words:
-            subtitles.append({"start_time": start, "end_time": end, "text": " ".join(words)})
-    return sorted(subtitles, key=lambda s: s["start_time"])
-
-
-def movie_video_input(subtitles, frame_times):
-    """The original's load_video_input: one `<image>` per frame, each followed by the texts (space-joined) of
-    the subtitles that end after the previous frame and no later than the next one, i.e. a subtitle follows the
-    last frame shown before it ends. Subtitles are taken in order and the frame pointer never moves back.
-    One deviation: a subtitle ending at or before the first frame goes with that frame (the original's index
-    -1 put it after the LAST frame); with frame times from 0 that needs an end time <= 0."""
-    if len(frame_times) == 0:
-        raise ValueError("movie_video_input needs at least one frame time")
-    texts = [[] for _ in frame_times]
-    point = 0
-    for subtitle in subtitles:
-        while point < len(frame_times) and frame_times[point] < subtitle["end_time"]:
-            point += 1
-        texts[max(point - 1, 0)].append(subtitle["text"])
-    return "".join(IMAGE_TOKEN + " ".join(t) for t in texts)
-
-
-def movie_prompt(subtitles, frame_times, video_token=2):
-    """The long-video text of run_llamavid_movie.py: the movie preamble, every frame's `<image>` repeated
-    video_token times (the tokens each frame gets) with its subtitles, and the closing sentence.
-    video_token=0 gives the original's --pure-text prompt (subtitles only)."""
-    if int(video_token) != video_token or video_token < 0:
-        raise ValueError(f"video_token must be a non-negative integer (tokens per frame), got {video_token!r}")
-    video_input = movie_video_input(subtitles, frame_times)
-    return MOVIE_START + video_input.replace(IMAGE_TOKEN, IMAGE_TOKEN * int(video_token)) + MOVIE_END
-
-
-def movie_message(subtitles, frame_times, question, video_token=2):
-    """The whole human message of a movie question (the checkpoints have mm_use_im_start_end off)."""
-    return movie_prompt(subtitles, frame_times, video_token) + "\n" + question
-
-
 # ==========================================================================================================
 # datasets: the LLaVA-format JSON the original trains on, collation, length grouping
 
-LONG_VIDEO_SUFFIXES = (".safetensors", ".pkl")  # a "video" entry naming a long video's feature cache
 
 
 class LLaVADataset(torch.utils.data.Dataset):
@@ -585,7 +253,6 @@ class LLaVADataset(torch.utils.data.Dataset):
         """Decode every video of the set into the cache now, `workers` files at a time, instead of one by one
         during the first epoch: there each decode waits on the training threads (on 2 CPU cores, ~12 ms a clip
         of the quick start against ~5 ms here). A file that fails is left out; its samples warn when drawn."""
-        from concurrent.futures import ThreadPoolExecutor
         if self.video_cache is None:
             return 0
         files = {self.video_folder / s["video"] for s in self.samples if "video" in s} - set(self.video_cache)
@@ -606,7 +273,6 @@ class LLaVADataset(torch.utils.data.Dataset):
         tower that never trains: the same clip then always gives the same features, and a training step skips the
         tower (~5 % of a quick-start step on a CPU). Samples then carry features as media, which LlamaVID takes in
         place of pixels. Returns the number of videos encoded."""
-        from vision import preprocess_frames
         if self.video_cache is None:
             return 0
         files = [f for f, v in self.video_cache.items() if isinstance(v, np.ndarray)]
@@ -620,7 +286,6 @@ class LLaVADataset(torch.utils.data.Dataset):
     def _cached_video(self, file):
         """A video's sampled frames, resized to image_size, decoded on first use and kept (or, after encode_cache,
         their features)."""
-        from vision import resize_frames
         if file not in self.video_cache:
             frames, _ = load_video(file, fps=self.video_fps, max_frames=self.max_frames)
             self.video_cache[file] = resize_frames(frames, self.image_size)
@@ -636,7 +301,6 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def load_media(self, sample):
         """(media tensor or None, conversation) for one sample; long videos rewrite the conversation."""
-        from vision import preprocess_frames, preprocess_images
         conv = [dict(c) for c in sample["conversations"]]
         if "image" in sample:
             image = load_image(self.image_folder / sample["image"])
@@ -645,7 +309,8 @@ class LLaVADataset(torch.utils.data.Dataset):
             return None, conv
         file = self.video_folder / sample["video"]
         if file.suffix in LONG_VIDEO_SUFFIXES:  # a long video: cached features + its frame/subtitle text
-            features, video_input = load_feature_cache(file)
+            cached = read_feature_cache(file)
+            features, video_input = cached.features, cached.text or ""
             video_input = video_input.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.video_token)
             for c in conv:
                 c["value"] = c["value"].replace(IMAGE_TOKEN, video_input)
@@ -659,7 +324,6 @@ class LLaVADataset(torch.utils.data.Dataset):
         return preprocess_frames(frames, self.image_size), conv
 
     def __getitem__(self, i):
-        import warnings
         sample = self.samples[i]
         try:
             media, conv = self.load_media(sample)
@@ -725,65 +389,6 @@ def length_grouped_order(lengths, group_size, seed):
         longest = max(range(len(order)), key=lambda j: max(abs(lengths[i]) for i in order[j]))
         order.insert(0, order.pop(longest))
     return [i for x in order for i in x] + partial
-
-
-# ----------------------------------------------------------------------------------------------------------
-# long-video feature caches
-
-def load_feature_cache(path):
-    """(features (T, 1+N, W) float tensor, video_input text) from our .safetensors cache or an original .pkl
-    (read through the restricted unpickler of import_feature_pkl, never plain pickle)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file {path} does not exist")
-    if path.suffix == ".pkl":
-        info = read_feature_pkl(path)
-        return torch.from_numpy(info["feats"]).float(), str(info.get("inputs", ""))
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            features = f.get_tensor("features")
-    except Exception as e:
-        raise ValueError(f"{path} is not a feature cache ({type(e).__name__}: {e})") from None
-    return features.float(), meta.get("video_input", "")
-
-
-def read_feature_pkl(path):
-    """The original extractor's .pkl ({'feats': ndarray, 'inputs': str}) read without running foreign code:
-    only numpy arrays, numbers, strings, lists and dicts may be rebuilt; anything else is refused."""
-    import pickle
-    allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "str"), ("builtins", "dict"),
-               ("builtins", "list"), ("builtins", "float"), ("builtins", "int"), ("codecs", "encode")}
-
-    class SafeUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) not in allowed:
-                raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-            return super().find_class(module, name)
-    try:
-        with open(path, "rb") as f:
-            info = SafeUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise ValueError(f"{path} is not a plain LLaMA-VID feature file ({e}); only numpy arrays and strings "
-                         "are accepted") from None
-    if not isinstance(info, dict) or "feats" not in info or not isinstance(info["feats"], np.ndarray):
-        raise ValueError(f"{path} holds no 'feats' array: not a LLaMA-VID feature file")
-    return info
-
-
-def import_feature_pkl(pkl_path, out_path=None):
-    """Convert an original .pkl feature file to our .safetensors cache once; returns the new path."""
-    from safetensors.torch import save_file
-    info = read_feature_pkl(pkl_path)
-    out = Path(out_path) if out_path else Path(pkl_path).with_suffix(".safetensors")
-    tmp = out.with_suffix(".tmp")
-    save_file({"features": torch.from_numpy(np.ascontiguousarray(info["feats"])).to(torch.float16)}, str(tmp),
-              metadata={"video_input": str(info.get("inputs", ""))})
-    tmp.replace(out)
-    return out
 
 
 # ==========================================================================================================

@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (TOKEN_PREFIXES, VISION_PREFIX, check_config, checkpoint_dir, find_bert_vocab,
-                        find_vision_weights, hf_to_ours, is_hub_id, load_weights, ours_to_hf, read_config)
+                        find_vision_weights, hf_to_ours, is_hub_id, iter_tensors, checkpoint_files, load_weights,
+                        ours_to_hf, read_config)
 from generate import generate
 
 try:  # optional: flash-attn's kernels when installed; SDPA (which has flash kernels of its own) otherwise
@@ -337,6 +338,40 @@ class LLaMA(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # LLaMA-VID: the EVA tower, the visual token generator and the LLM, with visual tokens spliced into the prompt
+
+IGNORE_INDEX = -100        # label value the loss skips
+IMAGE_TOKEN_INDEX = -200   # input id standing for the visual tokens of one image / one video
+IMAGE_TOKEN = "<image>"    # its placeholder in prompt text
+MEDIA_KINDS = ("image", "video", "movie")
+
+
+@dataclass
+class Media:
+    """One image, video or movie as the model takes it. What it is is said where it is loaded (media.py), never
+    guessed from tensor shapes:
+      image, video: pixels (T, 3, S, S), CLIP-normalised (T = 1 for an image), or features (T, 1+N, W), EVA's
+        output with its cls token first; every frame becomes a context token and content tokens, all in place of
+        one <image> placeholder;
+      movie (a long video, for the long-video model): features (T, 1+N, W), cls first; the token generator sees the
+        patches only, and the prompt holds `video_token` placeholders a frame. text: what stands in place of
+        <image> in the human message (the movie prompt of frames and subtitles)."""
+    kind: str
+    pixels: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
+    times: Optional[list] = None  # seconds of each frame from the stream start, when known
+    text: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind not in MEDIA_KINDS:
+            raise ValueError(f"media kind {self.kind!r} is not one of {', '.join(MEDIA_KINDS)}")
+        if self.pixels is None and self.features is None:
+            raise ValueError(f"{self.kind} media need pixels or features")
+        if self.kind == "movie" and self.features is None:
+            raise ValueError("movie media are EVA features (T, 1+N, W): encode the frames first (media.encode_frames)")
+
+    @property
+    def frames(self) -> int:
+        return len(self.features if self.features is not None else self.pixels)
 
 
 

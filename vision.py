@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoint import load_pickle
+from media import CLIP_MEAN, CLIP_STD, expand_to_square, preprocess_frames, preprocess_images, resize_frames  # noqa: F401
 
-# OpenAI CLIP statistics, as in the original's clip-patch14-{224,336} preprocessor_config.json
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HEAD_DIM = 88  # EVA-g's head width; LAVIS builds num_heads = width // 88
 LONG_PREFIX = "model.vision_tower.vision_tower."  # where the released long-video checkpoint keeps the tower
 
@@ -200,65 +198,6 @@ def resize_pos_embed(pos_embed, grid):
     patches = pos_embed[:, 1:].float().reshape(1, old, old, C).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat((pos_embed[:, :1].float(), patches.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
-
-
-# ----------------------------------------------------------------------------- preprocessing
-# Matches transformers 4.31 CLIPImageProcessor (size={"shortest_edge": S}, crop S x S, bicubic) step by step:
-# uint8 -> PIL bicubic resize of the shortest edge (long edge truncated with int()) -> centre crop on uint8
-# -> float64 * (1/255) cast to float32 -> (x - mean) / std in float32.
-
-def expand_to_square(image: Image.Image) -> Image.Image:
-    """The original's expand2square: centre the image on a square canvas of the CLIP mean colour."""
-    w, h = image.size
-    if w == h:
-        return image
-    fill = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104), truncated as the original does
-    canvas = Image.new(image.mode, (max(w, h),) * 2, fill)
-    canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-    return canvas
-
-
-def _resize_crop(image: Image.Image, size: int) -> np.ndarray:  # -> uint8 (size, size, 3)
-    w, h = image.size
-    short, long = min(w, h), max(w, h)
-    new_long = int(size * long / short)
-    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return np.asarray(image)[top:top + size, left:left + size]
-
-
-def _normalize(batch: np.ndarray) -> torch.Tensor:  # uint8 (B, S, S, 3) -> float32 (B, 3, S, S)
-    x = (torch.from_numpy(np.ascontiguousarray(batch)).double() * (1 / 255)).float()
-    x = (x - torch.tensor(CLIP_MEAN, dtype=torch.float32)) / torch.tensor(CLIP_STD, dtype=torch.float32)
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
-def preprocess_images(images, size, pad_to_square=True) -> torch.Tensor:
-    """list of PIL images -> float32 (B, 3, size, size). pad_to_square is image_aspect_ratio == "pad"."""
-    out = []
-    for image in images:
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        if pad_to_square:
-            image = expand_to_square(image)
-        out.append(_resize_crop(image, size))
-    return _normalize(np.stack(out))
-
-
-def resize_frames(frames, size) -> np.ndarray:
-    """uint8 RGB video frames (T, H, W, 3), numpy or torch -> uint8 (T, size, size, 3): preprocess_frames before
-    its normalisation (what a cache of decoded clips keeps); never padded."""
-    frames = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 RGB of shape (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    if frames.shape[1:3] == (size, size):
-        return frames
-    return np.stack([_resize_crop(Image.fromarray(f), size) for f in frames])
-
-
-def preprocess_frames(frames, size) -> torch.Tensor:
-    """uint8 RGB video frames (T, H, W, 3), numpy or torch -> float32 (T, 3, size, size); never padded."""
-    return _normalize(resize_frames(frames, size))
 
 
 def image_size_from_config(cfg: dict) -> int:

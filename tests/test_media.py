@@ -12,9 +12,10 @@ from PIL import Image
 
 from conftest import cut_after_index
 
-import data
-from data import (build_prompt, content_hash, iter_video, load_image, load_subtitles, load_video, movie_message,
-                  movie_prompt, movie_video_input, write_video)
+import media
+from data import build_prompt
+from media import (content_hash, iter_video, load_image, load_subtitles, load_video, movie_message, movie_prompt,
+                   movie_video_input, write_video)
 
 
 # Frame i of a test clip is one solid colour that encodes i, so a decoded frame tells which one it was even
@@ -136,7 +137,7 @@ def test_max_frames_spreads_evenly(tmp_path):
 def test_iter_video_streams_the_same_frames(tmp_path, monkeypatch):
     write_video(tmp_path / "cfr.mp4", clip(23), 10)
     converted = []  # only the kept frames are converted to RGB arrays
-    monkeypatch.setattr(data, "_upright", lambda frame, f=data._upright: converted.append(frame.pts) or f(frame))
+    monkeypatch.setattr(media, "_upright", lambda frame, f=media._upright: converted.append(frame.pts) or f(frame))
     assert len(load_video(tmp_path / "cfr.mp4", fps=1)[0]) == len(converted) == 3
     monkeypatch.undo()
     pairs = list(iter_video(tmp_path / "cfr.mp4", fps=1))

@@ -12,7 +12,8 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import case_names, fixtures_path, load_case
-from vision import CLIP_MEAN, CLIP_STD, EVAViT, image_size_from_config, preprocess_frames, preprocess_images
+from media import CLIP_MEAN, CLIP_STD, preprocess_frames, preprocess_images
+from vision import EVAViT, image_size_from_config
 
 LONG_PREFIX = "model.vision_tower.vision_tower."
 

@@ -12,10 +12,10 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from media import (LONG_VIDEO_SUFFIXES, content_hash, import_feature_pkl, iter_video, load_image,  # noqa: F401
-                   load_subtitles, load_video, movie_message, movie_prompt, movie_video_input, preprocess_frames,
-                   preprocess_images, read_feature_cache, resize_frames, write_video)
-from model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from media import (LONG_VIDEO_SUFFIXES, content_hash, image_media, import_feature_pkl, iter_video,  # noqa: F401
+                   load_image, load_subtitles, load_video, movie_message, movie_prompt, movie_video_input,
+                   preprocess_frames, preprocess_images, read_feature_cache, resize_frames, write_video)
+from model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Media
 
 # ----------------------------------------------------------------------------------------------------
 # Text: tokenizer, prompts, labels
@@ -300,28 +300,26 @@ class LLaVADataset(torch.utils.data.Dataset):
         return out
 
     def load_media(self, sample):
-        """(media tensor or None, conversation) for one sample; long videos rewrite the conversation."""
+        """(model.Media or None, conversation) for one sample; a long video rewrites the conversation."""
         conv = [dict(c) for c in sample["conversations"]]
         if "image" in sample:
-            image = load_image(self.image_folder / sample["image"])
-            return preprocess_images([image], self.image_size, self.pad_to_square)[0:1], conv
+            return image_media(self.image_folder / sample["image"], self.image_size, self.pad_to_square), conv
         if "video" not in sample:
             return None, conv
         file = self.video_folder / sample["video"]
         if file.suffix in LONG_VIDEO_SUFFIXES:  # a long video: cached features + its frame/subtitle text
-            cached = read_feature_cache(file)
-            features, video_input = cached.features, cached.text or ""
-            video_input = video_input.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.video_token)
+            movie = read_feature_cache(file)
+            text = (movie.text or "").replace(IMAGE_TOKEN, IMAGE_TOKEN * self.video_token)
             for c in conv:
-                c["value"] = c["value"].replace(IMAGE_TOKEN, video_input)
-            return features[:, 1:], conv  # the cls token is not given to the model
-        if self.video_cache is not None:
-            frames = self._cached_video(file)
-            if isinstance(frames, torch.Tensor):  # features (encode_cache)
-                return frames, conv
-        else:
+                c["value"] = c["value"].replace(IMAGE_TOKEN, text)
+            return movie, conv
+        if self.video_cache is None:
             frames, _ = load_video(file, fps=self.video_fps, max_frames=self.max_frames)
-        return preprocess_frames(frames, self.image_size), conv
+        else:
+            frames = self._cached_video(file)
+            if isinstance(frames, torch.Tensor):  # EVA's features (encode_cache)
+                return Media("video", features=frames), conv
+        return Media("video", pixels=preprocess_frames(frames, self.image_size)), conv
 
     def __getitem__(self, i):
         sample = self.samples[i]
@@ -333,7 +331,7 @@ class LLaVADataset(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + i)  # the same sample makes the same prompt on every run
         if media is not None and self.template != "plain_guided":
             conv = image_first(conv)
-        long_video = Path(sample.get("video", "")).suffix in LONG_VIDEO_SUFFIXES  # (encode_cache's are short)
+        long_video = media is not None and media.kind == "movie"
         try:
             ids, labels, prompts = preprocess(conv, self.tokenizer, self.template, has_image=media is not None,
                                               rng=rng, max_len=self.max_len)

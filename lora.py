@@ -582,7 +582,7 @@ def load_non_lora_trainables(model, path_or_state) -> dict:
 # a LoRA run as one LlamaVID (sample.py --lora DIR --model-base BASE)
 
 def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtype=torch.float32, device="cpu",
-                    merge: bool = True, load_vision: bool = True):
+                    merge: bool = True, load_vision: bool = True, download: bool = False):
     """A LlamaVID from a LoRA run: the config.json of lora_dir (else model_base's), the LLM from model_base (a
     Vicuna / LLaMA directory, or a LLaMA-VID checkpoint such as the stage-1 output), the token generator from
     model_base overlaid with lora_dir's non_lora_trainables.bin, then the adapters (merged by default, like the
@@ -604,7 +604,7 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     if not tokens:
         raise ValueError(f"neither {model_base} nor {lora_dir / NON_LORA_FILE} holds the token generator "
                          "(model.vlm_att_* / model.mm_projector.*): give a LLaMA-VID checkpoint as the base")
-    vocab = find_bert_vocab(lora_dir if (lora_dir / "vocab.txt").is_file() else model_base, bert_path)
+    vocab = find_bert_vocab(lora_dir if (lora_dir / "vocab.txt").is_file() else model_base, bert_path, download)
     try:
         visual = VisualTokenizer.from_llamavid(tokens, hf, bert_path=vocab, num_heads=hf.get("qformer_num_heads"))
     except ValueError as e:
@@ -612,7 +612,7 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     visual = visual.to(device=device, dtype=dtype)
     vision = None
     if load_vision:
-        source = side["vision"] or find_vision_weights(model_base, hf, vision_path)
+        source = side["vision"] or find_vision_weights(model_base, hf, vision_path, download)
         vision = EVAViT.from_lavis(source, img_size=image_size_from_config(hf), dtype=dtype, device=device)
     model = LlamaVID(llm, vision, visual, hf)
     load_adapters(model, lora_dir, merge=merge, non_lora=False)

@@ -373,6 +373,11 @@ class Media:
     def frames(self) -> int:
         return len(self.features if self.features is not None else self.pixels)
 
+    def to(self, device=None, dtype=None) -> "Media":
+        """A copy with its tensors moved (floating point ones cast to dtype when given)."""
+        move = (lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        return Media(self.kind, move(self.pixels), move(self.features), self.times, self.text)
+
 
 
 class LlamaVID(nn.Module):
@@ -392,59 +397,67 @@ class LlamaVID(nn.Module):
         """The hour-long model: rope scaling stretched the context (stage 3)."""
         return bool(self.llm.cfg.rope_scaling)
 
-    def is_long_features(self, media: torch.Tensor) -> bool:
-        """Precomputed long-video features (T, N, W), cls removed (an even token count), as the movie model takes
-        them; EVA's own output (T, 1+N, W) keeps its cls token (an odd count: the original tells them apart the
-        same way) and is treated like the pixels it came from."""
-        return media.ndim == 3 and media.shape[-1] == self.mm_hidden_size and media.shape[1] % 2 == 0
+    @property
+    def pads_images(self) -> bool:
+        """Images go on a square canvas of the mean colour before preprocessing (image_aspect_ratio "pad")."""
+        return self.hf_config.get("image_aspect_ratio") == "pad"
+
+    @property
+    def n_patches(self) -> int:
+        patch = self.vision.cfg.patch_size if self.vision is not None else 14
+        return (self.image_size // patch) ** 2
+
+    def frame_tokens(self, kind: str = "video") -> int:
+        """LLM tokens one frame becomes: a context token and the content tokens, or in a movie video_token (one
+        placeholder each in its prompt)."""
+        return self.video_token if kind == "movie" else self.visual.tokens_per_frame(self.n_patches)
 
     def tokens_per_frame(self) -> int:
-        """LLM tokens per image / frame from pixels: a context token and the content tokens."""
-        patch = self.vision.cfg.patch_size if self.vision is not None else 14
-        return self.visual.tokens_per_frame((self.image_size // patch) ** 2)
+        return self.frame_tokens("video")
 
     def media_tokens(self, media: list, prompts: list) -> list:
-        """Visual tokens of a batch's images / videos: entry b is (len(prompts[b]), tokens, dim), one row per guiding
-        question, or None where prompts[b] is None. media[b]: pixels (T, 3, S, S), EVA features (T, 1+N, W), or
-        long-video features (T, N, W). The short media go through EVA and the Q-Former together (a call for each
-        sample would cost a small-model training step most of its time in small kernels); a long video, whose
-        Q-Former runs in blocks of frames, has its own call."""
+        """Visual tokens of a batch's media (model.Media or None): entry b is (len(prompts[b]), tokens, dim), one row
+        per guiding question, or None where prompts[b] is None. Images and videos go through EVA (when they are
+        pixels) and the Q-Former together: a call for each sample would cost a small-model training step most of its
+        time in small kernels. A movie, whose Q-Former runs in blocks of frames, has its own call, and it is here,
+        and only here, that a movie's cls token is dropped: the original gives the token generator its patches."""
         out, short = [None] * len(prompts), []
         for b, p in enumerate(prompts):
-            if p is not None and self.is_long_features(media[b]):
-                out[b] = self.visual(media[b], p, long_video=True)
+            if p is not None and media[b].kind == "movie":
+                out[b] = self.visual(media[b].features[:, 1:], p, long_video=True)
             elif p is not None:
                 short.append(b)
         if not short:
             return out
-        feats = [media[b] for b in short]
-        pixels = [i for i, f in enumerate(feats) if f.ndim == 4]
-        if pixels and self.vision is None:
-            raise ValueError("this model was loaded without its vision tower; give precomputed features instead")
-        if pixels and len({feats[i].shape[1:] for i in pixels}) == 1:
-            encoded = self.encode(torch.cat([feats[i] for i in pixels])).split([len(feats[i]) for i in pixels])
+        feats = [media[b].features for b in short]
+        todo = [i for i, f in enumerate(feats) if f is None]  # still pixels
+        if todo and self.vision is None:
+            raise ValueError("this model was loaded without its vision tower; give EVA features instead of pixels")
+        pixels = [media[short[i]].pixels for i in todo]
+        if todo and len({p.shape[1:] for p in pixels}) == 1:
+            encoded = self.encode(torch.cat(pixels)).split([len(p) for p in pixels])
         else:
-            encoded = [self.encode(feats[i]) for i in pixels]
-        for i, f in zip(pixels, encoded):
+            encoded = [self.encode(p) for p in pixels]
+        for i, f in zip(todo, encoded):
             feats[i] = f
         for b, v in zip(short, self.visual.forward_many(feats, [prompts[b] for b in short])):
             out[b] = v
         return out
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """EVA features (T, 1+N, W) of preprocessed frames (T, 3, S, S): what media_tokens accepts in their place."""
-        return self.vision(pixels.to(self.vision.patch_embed.proj.weight.dtype))
+        """EVA features (T, 1+N, W), cls first, of preprocessed frames (T, 3, S, S)."""
+        weight = self.vision.patch_embed.proj.weight
+        return self.vision(pixels.to(device=weight.device, dtype=weight.dtype))
 
     def embed(self, input_ids, media: list, prompts: list, attention_mask=None, labels=None, left_pad=False):
         """Embed a batch of prompts with their visual tokens spliced in at the -200 placeholders.
 
-        input_ids: (B, L) tensor (with attention_mask for padding) or a list of 1-D tensors. media[b]: pixels
-        (T, 3, S, S) or features (T, N, W) or None; prompts[b]: the guided prompts of sample b. The i-th
+        input_ids: (B, L) tensor (with attention_mask for padding) or a list of 1-D tensors. media[b]: a Media or
+        None; prompts[b]: the guided prompts of sample b. The i-th
         placeholder of a sample gets the tokens made with its i-th prompt; in the long-video layout (one
         placeholder per token, `video_token` per frame) placeholder i takes token row i.
         Returns embeds (B, L', dim), attention_mask (B, L'), labels (B, L') or None.
         """
-        from data import IGNORE_INDEX, IMAGE_TOKEN_INDEX
         embed_tokens = self.llm.tok_embeddings
         slots, guides = [], []
         for b in range(len(input_ids)):
@@ -452,7 +465,7 @@ class LlamaVID(nn.Module):
             if slots[b] and (media is None or media[b] is None):
                 raise ValueError(f"sample {b} has {len(slots[b])} <image> placeholder(s) but no image or video")
             guide = prompts[b] if slots[b] else None
-            if slots[b] and not self.is_long_features(media[b]) and isinstance(guide, (list, tuple)):
+            if slots[b] and media[b].kind != "movie" and isinstance(guide, (list, tuple)):
                 guide = guide[:len(slots[b])]  # a later turn with no placeholder of its own gets no tokens: skip it
             guides.append(guide)
         vis = self.media_tokens(media, guides)
@@ -464,7 +477,7 @@ class LlamaVID(nn.Module):
             if not slots[b]:
                 emb = text
             else:
-                long_video, v = self.is_long_features(media[b]), vis[b].to(text.dtype)
+                long_video, v = media[b].kind == "movie", vis[b].to(text.dtype)
                 if long_video:
                     if len(slots[b]) != v.shape[1]:
                         raise ValueError(f"sample {b}: {v.shape[1]} visual tokens for {len(slots[b])} <image> "
@@ -512,8 +525,7 @@ class LlamaVID(nn.Module):
             if self.training and all(m is None for m in media):
                 # a text-only batch still runs the token generator on a blank frame, at zero weight: under
                 # FSDP every process must run (and reduce gradients for) the same modules at every step
-                n = 1 + (self.image_size // 14) ** 2
-                blank = embeds.new_zeros(1, n, self.mm_hidden_size)
+                blank = embeds.new_zeros(1, 1 + self.n_patches, self.mm_hidden_size)
                 loss = loss + 0.0 * self.visual(blank, [""]).sum()
         return logits, loss
 

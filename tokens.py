@@ -460,17 +460,17 @@ class VisualTokenizer(nn.Module):
         side = math.isqrt(n_patches)
         return 1 + (side // (side // int(ct[5:]))) ** 2
 
-    def _tokens(self, features, input_ids, text_mask):
+    def _tokens(self, features, input_ids, text_mask, has_cls=True):
         """One batch of B (frame, prompt) rows: features (B, M, W), ids/mask (B, L) -> (B, 1 + n, llm_dim)."""
         cfg = self.cfg
         image = self.vlm_att_ln(features) if self.vlm_att_ln is not None else features
         queries = self.vlm_att_query.expand(features.shape[0], -1, -1)
         text_q = self.vlm_att_projector(self.qformer(queries, input_ids, text_mask, image))  # (B, Q, W)
-        # the original drops the cls token by parity: with an odd token count token 0 is taken for cls.
-        # Long-video features come without cls (an even 256), so nothing is dropped there, while the
-        # Q-Former above saw every token given (cls included for images and short videos).
+        # the Q-Former above saw every token given (cls included for images and short videos); the context and
+        # content tokens are made from the patches. (The original tells cls by an odd token count: the same
+        # thing at every image size the released models use, 256 or 576 patches.)
         vis = features
-        if cfg.select_feature == "patch" and vis.shape[1] % 2 == 1:
+        if cfg.select_feature == "patch" and has_cls:
             vis = vis[:, 1:]  # (B, N, W)
         keys = self.vlm_att_key_projector(vis)
         scores = text_q @ keys.transpose(-1, -2) / math.sqrt(vis.shape[-1])
@@ -491,8 +491,9 @@ class VisualTokenizer(nn.Module):
         return torch.cat([ctx, self.mm_projector(vis)], dim=1)
 
     def forward(self, features, prompts, long_video=False):
-        """features (T, M, W): ONE image (T = 1) or video (T frames); M = 1 + N with cls, or N (long video,
-        cls removed by the caller). prompts: this sample's guided prompts, one per human turn.
+        """features (T, M, W): ONE image (T = 1) or video (T frames), M = 1 + N with cls first; or a long video's
+        patches, M = N (long_video: cls removed by the caller, the Q-Former run in blocks of frames).
+        prompts: this sample's guided prompts, one per human turn.
         Returns (len(prompts), T * (1 + n), llm_dim): for each prompt, frame by frame, [context, content..]."""
         return self.forward_many([features], [prompts], long_video)[0]
 
@@ -528,7 +529,7 @@ class VisualTokenizer(nn.Module):
         for start in range(0, len(frame_idx), block):
             fi, pid = frame_idx[start:start + block], prompt_idx[start:start + block].to(param.device)
             feats = all_features[fi.to(all_features.device)].to(device=param.device, dtype=param.dtype)
-            out.append(self._tokens(feats, input_ids[pid], text_mask[pid]))
+            out.append(self._tokens(feats, input_ids[pid], text_mask[pid], has_cls=not long_video))
         tokens = torch.cat(out)  # (sum of P_s * T_s, 1 + n, llm_dim)
         sizes = [len(p) * f.shape[0] for f, p in zip(features, prompts)]
         return [t.reshape(len(p), -1, t.shape[-1]) for t, p in zip(tokens.split(sizes), prompts)]

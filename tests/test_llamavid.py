@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import case_names, fixtures_path, load_case
 from data import Tokenizer, preprocess, tokenize_with_images
-from model import LlamaVID
+from model import LlamaVID, Media
 from vision import preprocess_frames, preprocess_images
 
 CASES = case_names(fixtures_path()) if (fixtures_path() / "MANIFEST.json").exists() else []
@@ -23,12 +23,12 @@ def get_model(fixtures, name):
 
 def media_of(model, fixtures, meta, tensors, key="frames"):
     """The case's raw input run through our preprocessing (image file, decoded frames or cached features)."""
-    if "features" in tensors:
-        return tensors["features"][:, 1:]  # the long-video model is given the features without cls
+    if "features" in tensors:  # a movie: EVA's features, cls included (the model drops it)
+        return Media("movie", features=tensors["features"])
     if key in tensors:
-        return preprocess_frames(tensors[key], model.image_size)
+        return Media("video", pixels=preprocess_frames(tensors[key], model.image_size))
     image = Image.open(fixtures / "cases" / meta["image"]).convert("RGB")
-    return preprocess_images([image], model.image_size)
+    return Media("image", pixels=preprocess_images([image], model.image_size))
 
 
 def assert_close(got, want, tol):
@@ -50,7 +50,7 @@ def test_case_matches_original(fixtures, name):
         # sample i's frames are tensor frames_i; sample 0's are video_single's (the fixture's note says so)
         frames = [t.get(f"frames_{i}") for i in range(len(ids))]
         frames[0] = load_case(fixtures, "video_single")[1]["frames"] if frames[0] is None else frames[0]
-        media = [preprocess_frames(f, model.image_size) for f in frames]
+        media = [Media("video", pixels=preprocess_frames(f, model.image_size)) for f in frames]
         L = t["input_ids"].shape[1]
         input_ids = torch.stack([torch.cat([x, x.new_zeros(L - len(x))]) for x in ids])
         label_ids = torch.stack([torch.cat([x, x.new_full((L - len(x),), -100)]) for x in labels])
@@ -88,7 +88,7 @@ def test_visual_tokens_reach_the_logits(fixtures):
     pixels = media_of(model, fixtures, meta, t)
     with torch.no_grad():
         a, _ = model(ids, [pixels], [meta["guided_prompts"][0]])
-        b, _ = model(ids, [pixels.flip(-1)], [meta["guided_prompts"][0]])
+        b, _ = model(ids, [Media(pixels.kind, pixels=pixels.pixels.flip(-1))], [meta["guided_prompts"][0]])
     assert (a[:, -1] - b[:, -1]).abs().max() > 1e-4
 
 
@@ -126,12 +126,13 @@ def test_checkpoint_errors(fixtures, tmp_path, monkeypatch):
 def test_zero_context_zeroes_only_the_context_tokens(fixtures):
     """eval.py --zero-context's ablation, over a padded batch of two videos: in the spliced embeddings every
     frame's first visual token (its context token) is zero and everything else is what it is without it."""
-    from data import IMAGE_TOKEN_INDEX
     from eval import zero_context
+    from model import IMAGE_TOKEN_INDEX
     meta, t = load_case(fixtures, "video_single")
     model = get_model(fixtures, meta["checkpoint"])
     ids = t["input_ids"]
-    media = [media_of(model, fixtures, meta, t), media_of(model, fixtures, meta, t).flip(-1)]
+    video = media_of(model, fixtures, meta, t)
+    media = [video, Media("video", pixels=video.pixels.flip(-1))]
     prompts = [meta["guided_prompts"][0]] * 2
     batch = torch.cat([ids, ids])
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_zero_context_zeroes_only_the_context_tokens(fixtures):
         again, _, _ = model.embed(batch, media, prompts)
     slot = (ids[0] == IMAGE_TOKEN_INDEX).nonzero().item()
     per_frame = model.tokens_per_frame()
-    n_visual = len(media[0]) * per_frame
+    n_visual = media[0].frames * per_frame
     visual = torch.zeros(normal.shape[1], dtype=torch.bool)
     visual[slot:slot + n_visual] = True
     context = torch.zeros_like(visual)

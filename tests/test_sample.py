@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from data import (IMAGE_TOKEN, Tokenizer, build_prompt, load_image, load_subtitles, load_video,  # noqa: E402
                   movie_prompt, tokenize_with_images, write_video)
-from model import LlamaVID  # noqa: E402
+from model import LlamaVID, Media  # noqa: E402
 from vision import preprocess_frames, preprocess_images  # noqa: E402
 
 QUESTION = "What is moving in the video?"
@@ -105,7 +105,7 @@ def test_video_matches_api(fixtures, models, media):
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
     want = api_answer(model, tok, [("USER", IMAGE_TOKEN + "\n" + QUESTION), ("ASSISTANT", None)],
-                      preprocess_frames(frames, image_size(ckpt)), QUESTION)
+                      Media("video", pixels=preprocess_frames(frames, image_size(ckpt))), QUESTION)
     rc, out, err = run("--model-path", ckpt, "--video", media / "clip.mp4", "--question", QUESTION, *CPU)
     assert rc == 0, err
     assert out == want + "\n"
@@ -117,7 +117,8 @@ def test_image_matches_api(fixtures, models):
     pixels = preprocess_images([load_image(png)], image_size(ckpt),
                                pad_to_square=config(ckpt).get("image_aspect_ratio") == "pad")
     question = "Describe the image."
-    want = api_answer(model, tok, [("USER", IMAGE_TOKEN + "\n" + question), ("ASSISTANT", None)], pixels, question)
+    want = api_answer(model, tok, [("USER", IMAGE_TOKEN + "\n" + question), ("ASSISTANT", None)],
+                      Media("image", pixels=pixels), question)
     rc, out, err = run("--model-path", ckpt, "--image", png, "--question", question, *CPU)
     assert rc == 0, err
     assert out == want + "\n"
@@ -131,7 +132,8 @@ def test_movie_feature_cache_and_subtitles(fixtures, models, media):
 
     def want(subtitles):
         text = movie_prompt(subtitles, times, video_token) + "\n" + QUESTION
-        return api_answer(model, tok, [("USER", text), ("ASSISTANT", None)], features[:, 1:].float(), QUESTION)
+        return api_answer(model, tok, [("USER", text), ("ASSISTANT", None)], Media("movie", features=features.float()),
+                          QUESTION)
 
     # first run: features are computed and cached beside the video, under the video's content hash
     rc, out, err = run("--model-path", ckpt, "--video", clip, "--question", QUESTION, *CPU)
@@ -163,7 +165,7 @@ def test_interactive_chat_is_multi_turn(fixtures, models, media):
     ckpt = fixtures / "video"
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(ckpt))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(ckpt)))
     q1, q2 = "What moves?", "Which way does it go?"
     # as the original's chat: the video goes with the latest question; earlier turns keep their text
     a1 = api_answer(model, tok, [("USER", IMAGE_TOKEN + "\n" + q1), ("ASSISTANT", None)], pixels, q1)
@@ -182,27 +184,27 @@ def test_interactive_chat_is_multi_turn(fixtures, models, media):
 
 @pytest.mark.parametrize("name", ["image", "video", "grid", "long"])
 def test_prompt_length_matches_the_spliced_prompt(fixtures, models, media, name):
-    """sample.prompt_length counts from shapes what model.embed builds (all patches, mean, grid, movie)."""
-    import sample
+    """chat.prompt_length counts from shapes what model.embed builds (all patches, mean, grid, movie)."""
+    import chat
     model, tok = models(name)
     frames, times = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(fixtures / name))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / name)))
     text = IMAGE_TOKEN + "\n" + QUESTION
     if name == "long":  # a movie: cached features and one placeholder per token
         with torch.no_grad():
-            pixels = model.vision(pixels)[:, 1:]
+            pixels = Media("movie", features=model.vision(pixels.pixels))
         text = movie_prompt([], times, int(config(fixtures / name).get("video_token", 2))) + "\n" + QUESTION
     ids = torch.tensor(tokenize_with_images(build_prompt([("USER", text), ("ASSISTANT", None)], "vicuna_v1"), tok))
     with torch.no_grad():
         embeds, _, _ = model.embed(ids[None], [pixels], [[QUESTION]])
-    assert sample.prompt_length(model, ids, pixels) == embeds.shape[1]
+    assert chat.prompt_length(model, ids.tolist(), pixels.kind, pixels.frames) == embeds.shape[1]
 
 
 def test_context_is_checked_before_the_vision_tower(fixtures, models, media, monkeypatch):
-    import sample
+    from chat import Chat
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(fixtures / "video"))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / "video")))
     ids = torch.tensor(tokenize_with_images(
         build_prompt([("USER", IMAGE_TOKEN + "\n" + QUESTION), ("ASSISTANT", None)], "vicuna_v1"), tok))
     with torch.no_grad():
@@ -212,7 +214,7 @@ def test_context_is_checked_before_the_vision_tower(fixtures, models, media, mon
     monkeypatch.setattr(model.llm.cfg, "rope_scaling", None)
     monkeypatch.setattr(model.llm.cfg, "max_seq_len", n + 3)
     want = tok.decode(model.generate(ids[None], [pixels], [[QUESTION]], max_new_tokens=3, eos_id=tok.eos_id)[0])
-    assert sample.Chat(model, tok, pixels).ask(QUESTION, 100, 0.0, 1.0) == want.strip()
+    assert Chat(model, tok, pixels).ask(QUESTION, 100, 0.0, 1.0) == want.strip()
 
     # no room: refused with the token count, and the vision tower never ran
     class NoVision(torch.nn.Module):
@@ -223,7 +225,7 @@ def test_context_is_checked_before_the_vision_tower(fixtures, models, media, mon
     monkeypatch.setattr(model, "vision", NoVision())
     monkeypatch.setattr(model.llm.cfg, "max_seq_len", n - 1)
     with pytest.raises(ValueError, match=f"{n} tokens.*--fps.*--max-frames"):
-        sample.Chat(model, tok, pixels).ask(QUESTION, 8, 0.0, 1.0)
+        Chat(model, tok, pixels).ask(QUESTION, 8, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def test_vision_weights_of_another_width(fixtures, media, tmp_path):
 def test_prompt_longer_than_context(fixtures, models, media, tmp_path):
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(fixtures / "video"))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / "video")))
     ids = tokenize_with_images(build_prompt([("USER", IMAGE_TOKEN + "\nhi"), ("ASSISTANT", None)], "vicuna_v1"), tok)
     with torch.no_grad():
         n = model.embed(torch.tensor(ids)[None], [pixels], [["hi"]])[0].shape[1]
@@ -350,7 +352,7 @@ def test_interactive_chat_survives_a_question_too_long(fixtures, models, media, 
     """A question that does not fit what is left of the context is refused in one line, and the chat goes on."""
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(fixtures / "video"))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / "video")))
     ids = tokenize_with_images(build_prompt([("USER", IMAGE_TOKEN + "\nhi"), ("ASSISTANT", None)], "vicuna_v1"), tok)
     with torch.no_grad():
         n = model.embed(torch.tensor(ids)[None], [pixels], [["hi"]])[0].shape[1]
@@ -385,7 +387,7 @@ def test_lora_commands_from_an_empty_directory(fixtures, media, tmp_path):
                              bert_path=fixtures / "bert-base-uncased")
     tok = Tokenizer(base)
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = preprocess_frames(frames, image_size(base))
+    pixels = Media("video", pixels=preprocess_frames(frames, image_size(base)))
     want = api_answer(merged, tok, [("USER", IMAGE_TOKEN + "\n" + QUESTION), ("ASSISTANT", None)], pixels, QUESTION)
     plain = api_answer(LlamaVID.from_pretrained(base), tok, [("USER", IMAGE_TOKEN + "\n" + QUESTION),
                                                              ("ASSISTANT", None)], pixels, QUESTION)

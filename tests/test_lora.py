@@ -12,7 +12,7 @@ from lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, load_lora_m
                   lora_layers, lora_state_dict, merge_lora, merge_peft_lora, merged_state_dict, quantize_base,
                   save_adapters)
 from checkpoint import checkpoint_files, hf_to_ours, iter_tensors, ours_to_hf
-from model import LLaMA, LlamaVID
+from model import LLaMA, LlamaVID, Media
 from test_llama import assert_close, hf_llama, save_bin
 
 transformers = pytest.importorskip("transformers")
@@ -332,7 +332,7 @@ def test_lora_run_loads_as_llamavid(fixtures, tmp_path):
 
     kw = dict(vision_path=fixtures / "eva_vit_g.pth", bert_path=fixtures / "bert-base-uncased")
     model = load_lora_model(tmp_path / "zero", base, **kw)
-    media = [preprocess_frames(case["frames"], model.image_size)]
+    media = [Media("video", pixels=preprocess_frames(case["frames"], model.image_size))]
     with torch.no_grad():
         logits, _ = model(case["input_ids"], media, [meta["guided_prompts"][0]])
     want = case["logits"]
@@ -365,7 +365,7 @@ def test_llamavid_lora_run_saves_in_the_original_layout(fixtures, tmp_path):
     trainable = {k for k in checkpoint_state(ckpt) if k.startswith(("model.mm_projector.", "model.vlm_att_"))
                  and "position_ids" not in k}
     assert set(written) == {"base_model.model." + k for k in trainable}
-    media = [preprocess_frames(case["frames"], model.image_size)]
+    media = [Media("video", pixels=preprocess_frames(case["frames"], model.image_size))]
     prompts = [meta["guided_prompts"][0]]
     with torch.no_grad():
         want, _ = model.eval()(case["input_ids"], media, prompts)

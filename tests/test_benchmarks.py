@@ -1,6 +1,6 @@
-"""eval.py's paper benchmarks: every scorer on small hand-made files whose figures are worked out by hand here,
-with answers files as the original's scripts write them (repeated ids included), the server files' formats, the
-judge (a fake OpenAI-compatible server), and resumable answering."""
+"""benchmarks.py's paper benchmarks, run through eval.py: every scorer on small hand-made files whose figures are
+worked out by hand here, with answers files as the original's scripts write them (repeated ids included), the
+server files' formats, the judge (a fake OpenAI-compatible server), and resumable answering."""
 import base64
 import io
 import json
@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks as B  # noqa: E402
 import eval as E  # noqa: E402
 
 SHORT = "\nAnswer the question using a single word or phrase."
@@ -75,7 +76,7 @@ def refused(tmp_path, *argv):
     ("x." * 33, "x" * 33 + "."),         # at most 32 periods removed (re.UNICODE passed as count)
 ])
 def test_vqa_normalize(raw, expected):
-    assert E.vqa_normalize(raw) == expected
+    assert B.vqa_normalize(raw) == expected
 
 
 def test_vqa_accuracy_leave_one_out():
@@ -85,11 +86,11 @@ def test_vqa_accuracy_leave_one_out():
     # k=4: (4*1 + 6*1)/10 = 1.0;  k=10: 1.0
     for k, expected in [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]:
         humans = ["2"] * k + ["3"] * (10 - k)
-        assert E.vqa_accuracy("two", humans) == pytest.approx(expected)  # "two" normalises to "2"
+        assert B.vqa_accuracy("two", humans) == pytest.approx(expected)  # "two" normalises to "2"
     # normalisation applies to the humans too: "Two", "2 ", "2." all are "2" -> 3 matches -> 0.9
-    assert E.vqa_accuracy("2", ["Two", "2 ", "2."] + ["no"] * 7) == pytest.approx(0.9)
+    assert B.vqa_accuracy("2", ["Two", "2 ", "2."] + ["no"] * 7) == pytest.approx(0.9)
     with pytest.raises(ValueError):
-        E.vqa_accuracy("2", ["2"] * 9)
+        B.vqa_accuracy("2", ["2"] * 9)
 
 
 def test_textvqa(tmp_path):
@@ -140,7 +141,7 @@ def test_textvqa(tmp_path):
     ("2.5 dogs, no", "yes"),              # cut at the "." of 2.5
 ])
 def test_pope_answer(text, expected):
-    assert E.pope_answer(text) == expected
+    assert B.pope_answer(text) == expected
 
 
 def test_pope(tmp_path, capsys):
@@ -196,7 +197,7 @@ def test_pope(tmp_path, capsys):
     ("nope", "no"), ("The answer is yes", "other"), ("Maybe yes", "other"), ("Yesno", "yes"), ("", "other"),
 ])
 def test_mme_answer(text, expected):
-    assert E.mme_answer(text) == expected
+    assert B.mme_answer(text) == expected
 
 
 def test_mme(tmp_path):
@@ -258,7 +259,7 @@ def test_mme(tmp_path):
     ("(A)", "FAILED"),
 ])
 def test_sqa_letter(text, expected):
-    assert E.sqa_letter(text) == expected
+    assert B.sqa_letter(text) == expected
 
 
 def test_sqa(tmp_path):
@@ -288,7 +289,7 @@ def test_sqa(tmp_path):
     ]
     # model_vqa_science.py's prompt: "<image>\n" before the question where there is an image, the suffix after
     prompt = lambda k: ("<image>\n" if problems[k][2] else "") + f"Context: N/A\nQuestion: q{k}?\nOptions: (A) x (B) y" \
-        + "\n" + E.LETTER_ANSWER  # noqa: E731
+        + "\n" + B.LETTER_ANSWER  # noqa: E731
     a = original_answers(tmp_path / "a.jsonl", [(k, prompt(k), t) for k, t in texts])
     argv = ["--benchmark", "sqa", "--questions", q, "--annotations", base, "--answers", a]
     assert "1 repeat an answered one, and 1 of 8 questions have no answer" in refused(tmp_path, *argv)
@@ -298,13 +299,13 @@ def test_sqa(tmp_path):
     assert rows["IMG"] == pytest.approx({"accuracy": 100 * 3 / 5, "n": 5})       # 1, 2, 8 right of 1, 2, 4, 7, 8
     # the question asked: the letter suffix appended, no image token, images not padded
     args = E.parse_args(["--benchmark", "sqa", "--questions", str(q), "--annotations", str(base)])
-    first = E.load_sqa(args)[0]
-    assert first["question"].endswith("Options: (A) x (B) y\n" + E.LETTER_ANSWER) and first["pad"] is False
+    first = B.load_sqa(args)[0]
+    assert first["question"].endswith("Options: (A) x (B) y\n" + B.LETTER_ANSWER) and first["pad"] is False
 
 
 def test_sqa_images_not_padded(tmp_path):
     """load_media honours a question's pad=False even for a model whose config pads (image_aspect_ratio)."""
-    from vision import preprocess_images
+    from media import preprocess_images
     Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3)).save(tmp_path / "wide.png")
     model = SimpleNamespace(hf_config={"image_aspect_ratio": "pad"}, image_size=28)
     image = Image.open(tmp_path / "wide.png").convert("RGB")
@@ -359,7 +360,7 @@ def test_seed(tmp_path):
         {"question_id": "103", "answer": "C", "data_type": "image", "question_type_id": 1},
         {"question_id": "104", "answer": "D", "data_type": "video", "question_type_id": 2}]}
     (tmp_path / "SEED-Bench.json").write_text(json.dumps(ann))
-    text = "What?\nA. a\nB. b\nC. c\nD. d\n" + E.LETTER_ANSWER
+    text = "What?\nA. a\nB. b\nC. c\nD. d\n" + B.LETTER_ANSWER
     # LLaVA's llava-seed-bench.jsonl numbers its ids; SEED-Bench.json spells them as strings
     q = write_jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": f"{i}.jpg", "text": text} for i in (101, 102, 103, 104)])
     # 102: "B." != "B" (exact match), but a later line of 102 replaces it; 103 unanswered
@@ -379,7 +380,7 @@ def test_seed(tmp_path):
     # the letter suffix is appended to a question that lacks it
     q = write_jsonl(tmp_path / "bare.jsonl", [{"question_id": 101, "image": "101.jpg", "text": "What?\nA. a\nB. b"}])
     args = E.parse_args(["--benchmark", "seed", "--questions", str(q), "--annotations", str(tmp_path / "SEED-Bench.json")])
-    assert E.load_seed(args)[0]["question"] == "What?\nA. a\nB. b\n" + E.LETTER_ANSWER
+    assert B.load_seed(args)[0]["question"] == "What?\nA. a\nB. b\n" + B.LETTER_ANSWER
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -552,11 +553,11 @@ def test_activitynet_predictions(tmp_path):
 
 
 def test_parse_judgement():
-    assert E.parse_judgement("{'pred': 'yes', 'score': 4.8}", True) == {"pred": "yes", "score": 4}
-    assert E.parse_judgement("```python\n{'score': '3'}\n```", False) == {"score": 3}
-    assert E.parse_judgement("{'score': 3}", True) is None  # a QA verdict needs 'pred'
-    assert E.parse_judgement("{'predicted': 'no', 'score': 1}", True) == {"pred": "no", "score": 1}
-    assert E.parse_judgement("five", False) is None
+    assert B.parse_judgement("{'pred': 'yes', 'score': 4.8}", True) == {"pred": "yes", "score": 4}
+    assert B.parse_judgement("```python\n{'score': '3'}\n```", False) == {"score": 3}
+    assert B.parse_judgement("{'score': 3}", True) is None  # a QA verdict needs 'pred'
+    assert B.parse_judgement("{'predicted': 'no', 'score': 1}", True) == {"pred": "no", "score": 1}
+    assert B.parse_judgement("five", False) is None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -674,8 +675,8 @@ def test_mmbench_original_answers_and_xlsx(tmp_path):
 def test_mmbench_without_openpyxl(tmp_path, monkeypatch):
     """The server file needs openpyxl, an optional extra: without it, one line with the install hint, before
     any answering."""
-    find_spec = E.importlib.util.find_spec
-    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "openpyxl" else find_spec(name, *a))
+    find_spec = B.importlib.util.find_spec
+    monkeypatch.setattr(B.importlib.util, "find_spec", lambda name, *a: None if name == "openpyxl" else find_spec(name, *a))
     with pytest.raises(ValueError, match="pip install openpyxl"):
         E.main(["--benchmark", "mmbench", "--questions", str(mmbench_tsv(tmp_path)), "--model-path", str(tmp_path)])
 
@@ -690,14 +691,14 @@ def test_mmbench_run_and_xlsx(tmp_path, fixtures, monkeypatch):
     # the Q-Former is guided without the letter suffix; an option "None" ends the options (pandas NaN)
     assert calls["prompts"] == [["What is it?\nA. cat\nB. dog\nC. cow"], ["A hint\nIs it?\nA. yes"]]
     records = [json.loads(line) for line in answers.read_text().splitlines()]
-    assert records[0]["prompt"] == "What is it?\nA. cat\nB. dog\nC. cow\n" + E.LETTER_ANSWER
+    assert records[0]["prompt"] == "What is it?\nA. cat\nB. dog\nC. cow\n" + B.LETTER_ANSWER
     cells = read_xlsx(tmp_path / "mm_upload.xlsx")
     text = "".join(c for c in records[0]["text"] if c >= " " or c in "\t\n\r")  # control characters a sheet can't hold
     assert cells[1] == [10, "What is it?", "cat", "dog", "cow", None, text or None, "B", "dev"]
 
 
 def test_msvd_run_on_a_video(tmp_path, fixtures):
-    from data import write_video
+    from media import write_video
     frames = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     write_video(tmp_path / "vid1.mkv", frames, fps=2)  # found by trying .mp4, .avi, .mov, .mkv in turn
     (tmp_path / "test_qa.json").write_text(json.dumps([{"video_id": "vid1", "question": "what is shown?", "id": 0,

@@ -1,8 +1,11 @@
 """An OpenAI-compatible HTTP server for LLaMA-VID (chat completions about an image or a video, streamed or not)
-and one static chat page. python serve.py --model-path DIR [--quantize int8|int4] [--host H --port P] [--media-dir D]"""
+and one static chat page (serve.html). An adapter over chat.py: requests become chat.Chat conversations.
+
+python serve.py --model-path DIR_OR_HUB_ID [--quantize int8|int4] [--host H --port P] [--media-dir D]"""
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import ipaddress
 import json
@@ -19,50 +22,41 @@ import urllib.request
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
-import sample  # the command line's device / dtype choice, default model and feature extraction are ours too
-
-try:
-    import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.datastructures import Headers
-    from starlette.exceptions import HTTPException
-except ImportError as e:  # the server is an optional extra; say how to get it rather than print a traceback
-    sys.exit(f"error: serve.py needs {e.name}, which is not installed: pip install -r requirements-serve.txt")
+import chat
+from checkpoint import is_hub_id
+from media import content_hash, count_frames, encode_frames, iter_video, load_image, movie_prompt, preprocess_images
+from model import IMAGE_TOKEN, Media
 
 EVA_BATCH = 32        # frames per vision-tower call: an hour of video never goes through EVA at once
 THUMBNAILS = 32       # at most this many frame previews per video (evenly spread) for the page
 THUMBNAIL_SIZE = 160  # px, the longer side of a preview
 MAX_STOPS = 4         # stop strings per request, OpenAI's limit
 CLIENT_GONE = 499     # the status of a request whose client left before its answer (nobody receives it)
+PAGE = Path(__file__).with_name("serve.html")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-path", type=Path, default=None, help="LLaMA-VID checkpoint directory")
-    p.add_argument("--vision-path", type=Path, default=None, help="eva_vit_g.pth, if the checkpoint lacks it")
-    p.add_argument("--bert-path", type=Path, default=None, help="bert-base-uncased vocab.txt (or its folder)")
-    p.add_argument("--model-name", default=None, help="the id clients ask for (default: the directory's name)")
+    p = chat.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    chat.add_model_args(p)
+    p.add_argument("--model-name", default=None, help="the id clients ask for (default: the model directory's "
+                   "name, or a Hub id's repository name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 opens it to the network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--media-dir", type=Path, default=None,
                    help="allow local paths / file:// URLs, but only of files under this directory")
     p.add_argument("--allow-remote", action="store_true", help="allow http(s) media URLs (the server fetches them)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest image / video a request may carry")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantisation of the LLM")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs) and the prefill; CUDA only")
-    p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto picks the first available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video")
-    p.add_argument("--max-frames", type=int, default=None, help="cap on frames (evenly subsampled)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs) and the prefill; CUDA only")
+    chat.add_media_args(p)
     p.add_argument("--max-new-tokens", type=int, default=512, help="max_tokens of a request that gives none")
     p.add_argument("--cache-mb", type=float, default=4096,
                    help="memory for the EVA features of recent images / videos (least recently used go first)")
@@ -71,8 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--allowed-origins", default="",
                    help="comma-separated web origins (http://host:port) whose pages may call this server, besides "
                         "its own chat page; their host names are served too. '*' allows every page and host name")
-    args = p.parse_args(argv)
-    sample.check_common_args(p, args)
+    args = chat.check_args(p, p.parse_args(argv))
     if not args.max_upload_mb > 0:
         p.error(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.max_queue < 0:
@@ -109,7 +102,7 @@ def too_large(size, limit, what="the request"):
 
 
 class Stopped(Exception):
-    """Raised from the token callback to end generation early: a stop string, or the client went away."""
+    """The client went away: raised between frames to stop decoding and encoding its video."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -131,7 +124,7 @@ class ChatRequest:
     turns: list                 # [("USER"|"ASSISTANT", text)], alternating, first and last USER; no placeholders
     source: Optional[Source]    # the conversation's one image / video, whichever user message carried it
     system: Optional[str]       # replaces the template's system sentence when given
-    question: str               # the last user message: it guides the Q-Former, as sample.py's Chat does
+    question: str               # the last user message: it guides the Q-Former (chat.Chat)
     max_tokens: int
     temperature: float
     top_p: float
@@ -152,7 +145,6 @@ def media_kind(mime, label, data=None, path=None):
         return family
     if mime not in NOT_MEDIA_OK:
         raise APIError(415, f"{label} is {mime}, not an image or a video", code="unsupported_media_type")
-    from PIL import Image
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.verify()
@@ -248,8 +240,6 @@ def resolve_media(url, cfg, label):
 
 def make_source(mime, label, data=None, path=None, name=None):
     """name: what later errors call the file (the page sends the name the user picked)."""
-    import hashlib
-    from data import content_hash
     kind = media_kind(mime, name or label, data, path)
     digest = hashlib.sha256(data).hexdigest() if data is not None else content_hash(path)
     suffix = path.suffix if path is not None else (mimetypes.guess_extension(mime) or "")
@@ -290,7 +280,6 @@ def _text(content, where):
 
 def parse_chat(body: bytes, cfg) -> ChatRequest:
     """The JSON body of POST /v1/chat/completions -> ChatRequest, or an APIError saying what is wrong."""
-    from data import IMAGE_TOKEN
     try:
         req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -362,7 +351,7 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", cfg["max_new_tokens"], 1, 2**31, integer=True)
     seed = _number(req, "seed", None, -2**63, 2**64 - 1, integer=True)
-    # without temperature / top_p, the model's own defaults (sample.py's), not OpenAI's 1.0
+    # without temperature / top_p, the model's own defaults (chat.default_sampling), not OpenAI's 1.0
     return ChatRequest(turns=turns, source=source, system=system, question=turns[-1][1],
                        max_tokens=max_tokens,
                        temperature=float(_number(req, "temperature", cfg["temperature"], 0, 2)),
@@ -375,18 +364,14 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
 # the engine: everything that touches the model runs on its one worker thread, one request at a time
 
 @dataclass
-class Media:
-    kind: str                  # "image" | "video"
-    features: torch.Tensor     # EVA output (T, 1+N, W) on the model's device; long video: (T, N, W) float16 on CPU
-    frames: int
-    times: list
-    thumbnails: list           # JPEG data: URLs of up to THUMBNAILS frames
-    movie_text: Optional[str]  # long-video models: the prompt of frames that stands where <image> would
-    nbytes: int
+class CachedMedia(Media):
+    """An image, video or movie as the model takes it (EVA features, cls first, for every kind) and what the page
+    shows of it."""
+    thumbnails: list = field(default_factory=list)  # JPEG data: URLs of up to THUMBNAILS frames
+    nbytes: int = 0                                 # the features' size, what the cache's budget counts
 
 
 def thumbnail(frame) -> str:
-    from PIL import Image
     image = Image.fromarray(np.asarray(frame)) if not isinstance(frame, Image.Image) else frame.copy()
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     buf = io.BytesIO()
@@ -432,29 +417,29 @@ class Job:
 
 class Engine:
     def __init__(self, model, tokenizer, args):
-        from data import IMAGE_TOKEN_INDEX
         self.model, self.tokenizer, self.args = model, tokenizer, args
-        self.image_token_index = IMAGE_TOKEN_INDEX
-        weight = model.vision.patch_embed.proj.weight
-        self.device, self.vision_dtype = weight.device, weight.dtype
-        self.dtype = model.llm.tok_embeddings.weight.dtype  # not output.weight's: quantised, that is int8
+        self.device = model.llm.tok_embeddings.weight.device
         self.context = model.llm.cfg.context_length
-        self.tokens_per_frame = model.tokens_per_frame()
         self.long_video = model.is_long_video
         self.cache, self.cache_bytes, self.cache_limit = OrderedDict(), 0, int(args.cache_mb * 2**20)
 
+    def kind(self, src: Source) -> str:
+        """What the model makes of a file: the long-video model takes every video as a movie."""
+        return "movie" if src.kind == "video" and self.long_video else src.kind
+
     # media --------------------------------------------------------------------------------------------------
 
-    def media(self, src: Source, precheck=None) -> Media:
-        """The EVA features of an image / video, from the cache or decoded and encoded now. precheck(frames) runs
+    def media(self, src: Source, check=None) -> CachedMedia:
+        """The EVA features of an image / video, from the cache or decoded and encoded now. check(frames) runs
         before decoding (with the frame count the sampling will keep, read from the packets) and again before each
-        frame is encoded, so a video too long for the context costs neither decoder nor vision-tower time."""
+        frame goes on to EVA, so a video too long for the context, or one nobody waits for any more, costs
+        neither decoder nor vision-tower time."""
         key = (src.sha256, src.kind)
         if key in self.cache:
             self.cache.move_to_end(key)
             media = self.cache[key]
-            if precheck is not None:
-                precheck(media.frames)
+            if check is not None:
+                check(media.frames)
             return media
         tmp = None
         path = src.path
@@ -464,8 +449,8 @@ class Engine:
             tmp.close()
             path = Path(tmp.name)
         try:
-            media = self._encode(src.kind, path, precheck)
-        except (ValueError, OSError) as e:  # data.py's messages say what is wrong with the file, naming it
+            media = self._encode(src, path, check)
+        except (ValueError, OSError) as e:  # media.py's messages say what is wrong with the file, naming it
             message = re.sub(r"\[Errno -?\d+\] ", "", str(e)).replace(f": '{path}'", "")  # FFmpeg's, naming it again
             raise APIError(415, message.replace(str(path), src.label), code="unsupported_media_type") from None
         finally:
@@ -479,223 +464,118 @@ class Engine:
                 self.cache_bytes -= old.nbytes
         return media
 
-    def planned_frames(self, path):
-        """How many frames the sampling will keep, from the packets' timestamps alone (no decoding)."""
-        from data import _packet_times, _sampled
-        n = sum(1 for _ in _sampled(((None, t) for t in _packet_times(path)), self.args.fps))
-        return n if self.args.max_frames is None else min(n, self.args.max_frames)
-
-    def _eva(self, pixels):
-        out = [self.model.vision(pixels[i:i + EVA_BATCH].to(self.device, self.vision_dtype))
-               for i in range(0, len(pixels), EVA_BATCH)]
-        return torch.cat(out)
-
-    def _encode(self, kind, path, precheck):
-        from data import iter_video, load_image, movie_prompt
-        from PIL import Image
-        from vision import preprocess_frames, preprocess_images
-        size = self.model.image_size
-        if kind == "image":
+    def _encode(self, src: Source, path, check) -> CachedMedia:
+        if src.kind == "image":
             try:
                 image = load_image(path)
-            except Image.DecompressionBombError as e:
+            except Image.DecompressionBombError as e:  # not an OSError: Pillow refuses an image this large
                 raise ValueError(str(e)) from None
-            if precheck is not None:
-                precheck(1)
-            pad = self.model.hf_config.get("image_aspect_ratio") == "pad"  # as sample.py's load_media
-            features = self._eva(preprocess_images([image], size, pad_to_square=pad))
-            return Media("image", features, 1, [0.0], [thumbnail(image)], None,
-                         features.numel() * features.element_size())
-        if precheck is not None:
-            precheck(self.planned_frames(path))
-        frames = iter_video(path, fps=self.args.fps, max_frames=self.args.max_frames)
-        if not self.long_video:
-            # frames go through EVA as they are decoded (a long file never sits decoded in memory), and a video
-            # too long for the context stops at the first frame over it
-            out, batch, times, thumbs = [], [], [], []
-            for frame, t in frames:
-                if precheck is not None:
-                    precheck(len(times) + 1)
-                batch.append(frame)
-                times.append(t)
-                thumbs.append(thumbnail(frame))
-                if len(batch) == EVA_BATCH:
-                    out.append(self._eva(preprocess_frames(np.stack(batch), size)))
-                    batch.clear()
-            if batch:
-                out.append(self._eva(preprocess_frames(np.stack(batch), size)))
-            features = torch.cat(out)
-            return Media("video", features, len(times), times, spread(thumbs, THUMBNAILS), None,
-                         features.numel() * features.element_size())
-        # an hour-long video streams through EVA in batches, as sample.py's; the features wait on the CPU in float16
+            if check is not None:
+                check(1)
+            features = self.model.encode(preprocess_images([image], self.model.image_size, self.model.pads_images))
+            return CachedMedia("image", features=features, times=[0.0], thumbnails=[thumbnail(image)],
+                               nbytes=features.numel() * features.element_size())
+        if check is not None:
+            check(count_frames(path, self.args.fps, self.args.max_frames))
         thumbs = []
 
-        def previewed(frames):
+        def previewed(frames):  # runs on encode_frames' decoding thread, which hands its exceptions on
             for frame, t in frames:
-                if precheck is not None:
-                    precheck(len(thumbs) + 1)
+                if check is not None:
+                    check(len(thumbs) + 1)
                 thumbs.append(thumbnail(frame))
                 yield frame, t
-        features, times = sample.extract_features(self.model, previewed(frames), EVA_BATCH)
-        features = features[:, 1:]  # the long-video model gets the patches only (no cls)
-        return Media("video", features, len(times), times, spread(thumbs, THUMBNAILS),
-                     movie_prompt([], times, self.model.video_token), features.numel() * features.element_size())
-
-    def is_movie(self, media):
-        return media is not None and media.movie_text is not None
-
-    def frame_tokens(self, kind):
-        """Visual tokens per frame: a long-video model's video_token for a video, else the model's per frame."""
-        return self.model.video_token if self.long_video and kind == "video" else self.tokens_per_frame
+        kind = self.kind(src)
+        # an hour of a movie's features waits on the CPU in float16; a short video's stay on the device
+        features, times = encode_frames(self.model, previewed(iter_video(path, self.args.fps, self.args.max_frames)),
+                                        EVA_BATCH, keep_on_device=kind != "movie")
+        text = movie_prompt([], times, self.model.video_token) if kind == "movie" else None
+        return CachedMedia(kind, features=features, times=times, text=text, thumbnails=spread(thumbs, THUMBNAILS),
+                           nbytes=features.numel() * features.element_size())
 
     def visual_tokens(self, media):
-        if media is None:
-            return 0
-        return media.frames * (self.model.video_token if self.is_movie(media) else self.tokens_per_frame)
+        return 0 if media is None else media.frames * self.model.frame_tokens(media.kind)
+
+    # prompts ------------------------------------------------------------------------------------------------
+
+    def conversation(self, turns, system, kind=None) -> chat.Chat:
+        """The chat of a request whose last turn is the question about to be asked. Until its media are encoded,
+        a one-frame stand-in of their kind holds their place (a movie's prompt, without subtitles here, does not
+        depend on the frames' times)."""
+        stand_in = None
+        if kind is not None:
+            text = movie_prompt([], [0.0], self.model.video_token) if kind == "movie" else None
+            stand_in = Media(kind, features=torch.empty(1, 0, 0), text=text)
+        return chat.Chat(self.model, self.tokenizer, stand_in, messages=turns[:-1], system=system,
+                         compile=self.args.compile)
+
+    def planned_length(self, conv: chat.Chat, question):
+        """The prompt's length as a function of its media's frame count, known before any frame is decoded: each
+        frame adds the same number of tokens (a movie's placeholders included)."""
+        one = conv.prompt_length(conv.prompt_ids(question))  # with the one-frame stand-in
+        per_frame = self.model.frame_tokens(conv.media.kind)
+        return lambda frames: one + (frames - 1) * per_frame
+
+    def check_context(self, conv: chat.Chat, n, frames=None):
+        """chat.Chat's context check, answered as a 400 that carries the counts."""
+        try:
+            conv.check_context(n, frames)
+        except ValueError as e:
+            raise APIError(400, str(e), code="context_length_exceeded", param="messages", prompt_tokens=n,
+                           context_length=self.context) from None
+
+    # requests -----------------------------------------------------------------------------------------------
 
     def describe(self, src: Source, job=None) -> dict:
         """POST /v1/media: decode and encode now (the cache keeps the features), say what the model will see.
         A video that leaves no room for a question is refused here, before decoding, as a chat would refuse it."""
-        empty = ChatRequest(turns=[("USER", "")], source=src, system=None, question="", max_tokens=1,
-                            temperature=0, top_p=1, stop=[], seed=None, stream=False, include_usage=False)
-        ids = self.prompt_ids(empty, None)  # the shortest prompt the media can go in
-        per_frame = self.frame_tokens(src.kind)
+        kind = self.kind(src)
+        length = self.planned_length(self.conversation([("USER", "")], None, kind), "")  # the shortest prompt
+        per_frame = self.model.frame_tokens(kind)
 
-        def precheck(frames):
+        def check(frames):
             if job is not None:
                 job.check()
-            n = len(ids) - 1 + frames * per_frame
+            n = length(frames)
             if n >= self.context:
-                fit = (self.context - len(ids)) // per_frame
+                fit = (self.context - 1 - length(0)) // per_frame
                 raise APIError(400, f"{src.label} is too long for the model: its {frames} frames need {n} prompt "
                                     f"tokens and the context holds {self.context}; trim the video, or start the "
                                     f"server with --max-frames {fit} or a lower --fps",
                                code="context_length_exceeded", prompt_tokens=n, context_length=self.context)
         with torch.no_grad():
-            media = self.media(src, precheck)
-        return {"id": "sha256:" + src.sha256, "object": "media", "kind": media.kind, "frames": media.frames,
+            media = self.media(src, check)
+        return {"id": "sha256:" + src.sha256, "object": "media", "kind": src.kind, "frames": media.frames,
                 "times": [round(t, 3) for t in media.times], "thumbnails": media.thumbnails,
                 "visual_tokens": self.visual_tokens(media), "context_length": self.context}
 
-    # chat ---------------------------------------------------------------------------------------------------
-
-    def prompt_ids(self, req: ChatRequest, media):
-        from data import IMAGE_TOKEN, build_prompt, tokenize_with_images
-        messages = list(req.turns)
-        if req.source is not None:
-            # as sample.py's Chat (and the original's cli.py): the image / video goes with the LATEST question,
-            # wherever the client attached it; earlier turns keep only their text
-            head = media.movie_text if self.is_movie(media) else IMAGE_TOKEN
-            messages[-1] = ("USER", head + "\n" + messages[-1][1])
-        prompt = build_prompt(messages + [("ASSISTANT", None)], "vicuna_v1", system=req.system)
-        return tokenize_with_images(prompt, self.tokenizer)
-
-    def prompt_tokens(self, ids, frames, movie=False):
-        """What the LLM will see: the text ids, with the placeholder replaced by every frame's visual tokens."""
-        if movie or self.image_token_index not in ids:
-            return len(ids)  # no media, or a movie prompt (one placeholder per visual token already)
-        return len(ids) - 1 + frames * self.tokens_per_frame
-
-    def check_context(self, n, frames):
-        if n >= self.context:
-            what = f" ({frames} frame{'s' if frames != 1 else ''} of visual tokens)" if frames else ""
-            raise APIError(400, f"the prompt is {n} tokens{what} but the model's context is {self.context} tokens: "
-                                "use a shorter question, conversation or video",
-                           code="context_length_exceeded", param="messages", prompt_tokens=n,
-                           context_length=self.context)
-
-    def embeds(self, ids, media, question):
-        tokens = torch.tensor(ids, device=self.device)
-        if media is None:
-            return self.model.llm.tok_embeddings(tokens)[None]
-        # the cache holds EVA features (with cls) for images and short videos, cls-less features for movies:
-        # LlamaVID.embed takes either in place of pixels
-        embeds, _, _ = self.model.embed([tokens], [media.features.to(self.device, self.dtype)], [[question]])
-        return embeds
-
     def complete(self, req: ChatRequest, job: Job):
-        from model import generate
         started = time.perf_counter()
         with torch.no_grad():  # grad mode is per thread: this worker's must be off too
-            media, ids = None, None
+            conv = self.conversation(req.turns, req.system, self.kind(req.source) if req.source else None)
             if req.source is not None:
-                # the text does not depend on the frames: check before decoding; a movie's prompt also holds the
-                # frames' times, so its count here is a lower bound, made exact after encoding
-                ids = self.prompt_ids(req, None)
-                per_frame = self.frame_tokens(req.source.kind)
+                length = self.planned_length(conv, req.question)
 
-                def precheck(frames):
+                def check(frames):
                     job.check()  # the client left: stop decoding
-                    self.check_context(len(ids) - 1 + frames * per_frame, frames)
-                media = self.media(req.source, precheck)
-                if self.is_movie(media):
-                    ids = None
-            if ids is None:
-                ids = self.prompt_ids(req, media)
-            frames = media.frames if media is not None else 0
-            n = self.prompt_tokens(ids, frames, self.is_movie(media))
-            self.check_context(n, frames)
-            embeds = self.embeds(ids, media, req.question)
-            n = embeds.shape[1]
-            max_new = min(req.max_tokens, self.context - n)  # as sample.py: the answer may use what is left
+                    self.check_context(conv, length(frames), frames)
+                conv.media = self.media(req.source, check)
+            n = conv.prompt_length(conv.prompt_ids(req.question))
+            self.check_context(conv, n)
             job.emit("start", n)
             generator = None
             if req.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(req.seed % 2**64)
-            out = TextOut(self.tokenizer, req.stop, job)
-            try:
-                generate(self.model.llm, embeds, max_new, temperature=req.temperature, top_p=req.top_p,
-                         eos_id=self.tokenizer.eos_id, callback=out.on_token, generator=generator,
-                         compile=self.args.compile)
-                out.finish()
-            except Stopped:
-                pass
-        usage = {"prompt_tokens": n, "completion_tokens": out.count, "total_tokens": n + out.count}
-        job.emit("done", {"finish_reason": out.finish_reason, "usage": usage})
-        print(f"chat: {n} prompt tokens ({self.visual_tokens(media)} visual), {out.count} new, "
-              f"{out.finish_reason}, {time.perf_counter() - started:.2f} s", file=sys.stderr, flush=True)
-
-
-class TextOut:
-    """Turns the token stream into text deltas: whole UTF-8 characters only (as sample.py prints them), and never
-    a piece that could start a stop string until it is known not to be one."""
-
-    def __init__(self, tokenizer, stop, job):
-        self.tokenizer, self.stop, self.job = tokenizer, stop, job
-        self.new, self.printed, self.count, self.finish_reason = [], "", 0, "length"
-
-    def on_token(self, tok):
-        if self.job.cancelled:
-            self.finish_reason = "cancelled"  # for the log: nobody is listening any more
-            raise Stopped()
-        t = int(tok[0])
-        if t == self.tokenizer.eos_id:
-            self.finish_reason = "stop"
-            return
-        self.new.append(t)
-        self.count += 1
-        text = self.tokenizer.decode(self.new)
-        if text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            return
-        self.flush(text)
-
-    def flush(self, text, final=False):
-        hits = [i for i in (text.find(s, max(len(self.printed) - len(s) + 1, 0)) for s in self.stop) if i >= 0]
-        if hits:
-            self.send(text[:max(min(hits), len(self.printed))])
-            self.finish_reason = "stop"
-            raise Stopped()
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
-                                   default=0)
-        self.send(text[:len(text) - hold])
-
-    def send(self, text):
-        if len(text) > len(self.printed):
-            self.job.emit("delta", text[len(self.printed):])
-            self.printed = text
-
-    def finish(self):
-        self.flush(self.tokenizer.decode(self.new), final=True)
+            # the answer may use what is left of the context, no more
+            conv.ask(req.question, min(req.max_tokens, self.context - n), req.temperature, req.top_p,
+                     on_text=lambda text: job.emit("delta", text), stop=req.stop, generator=generator,
+                     cancelled=lambda: job.cancelled)
+        reply = conv.reply
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                 "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+        job.emit("done", {"finish_reason": reply.finish_reason, "usage": usage})
+        print(f"chat: {n} prompt tokens ({self.visual_tokens(conv.media)} visual), {reply.completion_tokens} new, "
+              f"{reply.finish_reason}, {time.perf_counter() - started:.2f} s", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -738,6 +618,8 @@ class SameSite:
         self.app, self.hosts, self.origins = app, hosts, origins
 
     async def __call__(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+        from starlette.datastructures import Headers
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             error = foreign_request(headers.get("host"), headers.get("origin"), self.hosts, self.origins)
@@ -746,7 +628,11 @@ class SameSite:
         await self.app(scope, receive, send)
 
 
-def build_app(engine: Engine, cfg: dict) -> FastAPI:
+def build_app(engine: Engine, cfg: dict):
+    from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException
     app = FastAPI(title="LLaMA-VID", docs_url=None, redoc_url=None, openapi_url=None)
     origins = cfg["allowed_origins"]
     if origins:  # their pages' fetches need CORS answers (a JSON POST is preflighted)
@@ -758,6 +644,7 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
     state = {"pending": 0, "job_s": 1.0}  # requests admitted and not finished; recent seconds per job
     limit = cfg["max_upload"]
     json_limit = limit * 4 // 3 + 2**20  # a data: URL is base64 (4/3 of the file) inside the JSON
+    page_html = PAGE.read_text(encoding="utf-8")
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -835,7 +722,7 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
-        return HTMLResponse(PAGE)
+        return HTMLResponse(page_html)
 
     @app.get("/health")
     async def health():
@@ -955,21 +842,35 @@ def build_app(engine: Engine, cfg: dict) -> FastAPI:
     return app
 
 
+def served_name(model_path) -> str:
+    """The id clients ask for: a Hub id's repository name, or the model directory's name."""
+    if is_hub_id(model_path):
+        return str(model_path).rsplit("/", 1)[-1]
+    return Path(model_path).resolve().name
+
+
 def make_cfg(args, model_path, long_video):
     """What build_app needs from the command line."""
     hosts = {args.host.lower()} | {urllib.parse.urlsplit(o).hostname for o in args.allowed_origins if o != "*"}
-    return {"model_name": args.model_name or Path(model_path).resolve().name,
+    temperature, top_p = chat.default_sampling(long_video)
+    return {"model_name": args.model_name or served_name(model_path),
             "max_upload": int(args.max_upload_mb * 2**20), "max_upload_mb": args.max_upload_mb,
             "media_dir": args.media_dir, "allow_remote": args.allow_remote, "max_new_tokens": args.max_new_tokens,
             "max_queue": args.max_queue, "allowed_origins": args.allowed_origins, "allowed_hosts": hosts,
-            "temperature": 0.6 if long_video else 0.2, "top_p": 0.9 if long_video else 0.7}  # sample.py's defaults
+            "temperature": temperature, "top_p": top_p}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tokenizer, model_path = sample.load_model(args)
+    try:  # the server is an optional extra: say how to get it, before minutes of loading a model
+        import fastapi  # noqa: F401 (build_app's)
+        import uvicorn
+    except ImportError as e:
+        sys.exit(f"error: serve.py needs {e.name}, which is not installed: pip install -r requirements-serve.txt")
+    model, tokenizer, _ = chat.load_model_from_args(args)
     engine = Engine(model, tokenizer, args)
-    cfg = make_cfg(args, model_path, model.is_long_video)
+    # a LoRA run is served under its own name, not its base's
+    cfg = make_cfg(args, args.lora or args.model_path or chat.DEFAULT_MODEL, model.is_long_video)
     app = build_app(engine, cfg)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host}: anyone who can reach this machine can use the model"
@@ -980,325 +881,5 @@ def main(argv=None):
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the chat page: one file, no build step
-
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>LLaMA-VID</title>
-<style>
-  * { box-sizing: border-box; }
-  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: #f3f4f7;
-         color: #1c2230; height: 100vh; height: 100dvh; display: flex; flex-direction: column; }
-  header { display: flex; align-items: baseline; gap: 12px; padding: 10px 18px; background: #1c2230; color: #fff; }
-  header strong { font-size: 17px; }
-  header span { color: #aab3c5; font-size: 13px; }
-  main { flex: 1; display: grid; grid-template-columns: minmax(260px, 380px) 1fr; gap: 14px; padding: 14px;
-         min-height: 0; }
-  .panel { background: #fff; border-radius: 10px; box-shadow: 0 1px 3px rgba(0,0,0,.08); padding: 14px;
-           display: flex; flex-direction: column; gap: 10px; min-height: 0; }
-  #drop { border: 2px dashed #b9c1cf; border-radius: 8px; padding: 16px; text-align: center; cursor: pointer;
-          color: #5a6478; }
-  #drop.over { border-color: #3567d6; background: #eef3fd; }
-  #preview video, #preview img { width: 100%; max-height: 240px; object-fit: contain; background: #111;
-                                 border-radius: 6px; display: block; }
-  #media-info { font-size: 13px; color: #5a6478; }
-  #frames { display: grid; grid-template-columns: repeat(auto-fill, minmax(68px, 1fr)); gap: 6px; overflow: auto; }
-  #frames figure { margin: 0; font-size: 11px; color: #6b7385; text-align: center; }
-  #frames img { width: 100%; border-radius: 4px; display: block; }
-  #error { display: none; background: #fdeaea; color: #9b1c1c; border: 1px solid #f3b4b4; border-radius: 8px;
-           padding: 8px 12px; white-space: pre-wrap; cursor: pointer; }
-  #log { flex: 1; overflow: auto; display: flex; flex-direction: column; gap: 10px; padding: 2px; }
-  #log .hint { color: #8a92a3; margin: auto; text-align: center; }
-  .msg { max-width: 82%; padding: 8px 12px; border-radius: 10px; white-space: pre-wrap; overflow-wrap: anywhere; }
-  .msg.user { align-self: flex-end; background: #3567d6; color: #fff; }
-  .msg.assistant { align-self: flex-start; background: #eef0f4; }
-  .msg.assistant.pending .text:empty::after { content: "…"; color: #8a92a3; }
-  .meta { font-size: 11px; color: #7a8294; margin-top: 4px; }
-  .settings { display: flex; flex-wrap: wrap; gap: 14px; align-items: center; font-size: 13px; color: #5a6478; }
-  .settings input { width: 70px; }
-  form { display: flex; gap: 8px; }
-  textarea { flex: 1; resize: none; font: inherit; padding: 8px 10px; border: 1px solid #c9cfdb; border-radius: 8px; }
-  button { font: inherit; padding: 6px 14px; border: 0; border-radius: 8px; background: #3567d6; color: #fff;
-           cursor: pointer; }
-  button.plain { background: #e4e7ee; color: #1c2230; }
-  button:disabled { opacity: .5; cursor: default; }
-  /* a phone: the media shrinks to a strip of frames (no player) and the conversation takes the rest */
-  @media (max-width: 760px) {
-    header { padding: 8px 12px; }
-    main { display: flex; flex-direction: column; gap: 8px; padding: 8px; }
-    .panel { padding: 10px; gap: 8px; }
-    #media-panel { flex: none; }
-    #chat-panel { flex: 1; }
-    #drop { padding: 8px; }
-    #drop .wide, #preview { display: none; }
-    #frames { display: flex; overflow-x: auto; }
-    #frames figure { flex: 0 0 56px; }
-    .settings { gap: 8px; font-size: 12px; }
-    .settings input { width: 48px; }
-    #error { font-size: 13px; padding: 6px 10px; }
-  }
-</style>
-</head>
-<body>
-<header><strong>LLaMA-VID</strong><span id="model">connecting…</span><span id="status"></span></header>
-<main>
-  <section class="panel" id="media-panel">
-    <label id="drop" for="file">Choose an image or a video<span class="wide">, or drop one here</span>
-      <input type="file" id="file" accept="image/*,video/*" hidden></label>
-    <div id="preview"></div>
-    <div id="media-info"></div>
-    <div id="frames"></div>
-  </section>
-  <section class="panel" id="chat-panel">
-    <div id="error" role="alert" title="click to close"></div>
-    <div id="log"><div class="hint">Choose an image or a video, then ask about it.</div></div>
-    <div class="settings">
-      <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.2"></label>
-      <label>max tokens <input id="max-tokens" type="number" min="1" step="1" value="256"></label>
-      <button id="reset" class="plain" type="button">New chat</button>
-    </div>
-    <form id="ask">
-      <textarea id="question" rows="2" placeholder="Ask a question (Enter sends, Shift+Enter adds a line)"></textarea>
-      <button id="send" type="submit">Send</button>
-    </form>
-  </section>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-let modelId = null, maxUploadMB = 50, mediaPart = null, messages = [], busy = false, uploading = false;
-let previewURL = null;
-
-function showError(text) {
-  $("error").textContent = text || "";
-  $("error").style.display = text ? "block" : "none";
-}
-
-async function errorText(resp) {
-  try {
-    const body = await resp.json();
-    return (body.error && body.error.message) || JSON.stringify(body);
-  } catch (e) {
-    return `the server answered ${resp.status} ${resp.statusText}`;
-  }
-}
-
-// the server's errors are sentences of their own; fetch's are not
-function failure(e, what) {
-  return e instanceof TypeError ? `could not ${what}: the server does not answer (${e.message})` : e.message || e;
-}
-
-function scrollDown() {
-  $("log").scrollTop = $("log").scrollHeight;
-}
-
-function bubble(role, text) {
-  const hint = document.querySelector("#log .hint");
-  if (hint) hint.remove();
-  const div = document.createElement("div");
-  div.className = `msg ${role}`;
-  const body = document.createElement("div");
-  body.className = "text";
-  body.textContent = text;
-  div.appendChild(body);
-  $("log").appendChild(div);
-  scrollDown();
-  return div;
-}
-
-function newChat() {
-  messages = [];
-  $("log").innerHTML = "";
-  showError("");
-}
-
-function readDataURL(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
-}
-
-// A new file replaces the media and starts a new conversation (one image or video per conversation) only once
-// the server has read it; one it refuses leaves the conversation and the media as they were.
-async function chooseFile(file) {
-  if (!file || uploading) return;
-  if (busy) {
-    showError(`wait for the answer to finish, then choose ${file.name} again`);
-    return;
-  }
-  showError("");
-  if (file.size > maxUploadMB * 1048576) {
-    const mb = (file.size / 1048576).toFixed(1);
-    showError(`${file.name} is ${mb} MB; this server takes files of up to ${maxUploadMB} MB`);
-    return;
-  }
-  const info0 = $("media-info").textContent;
-  $("media-info").textContent = `reading ${file.name}…`;
-  uploading = true;
-  $("send").disabled = true;
-  try {
-    const resp = await fetch(`/v1/media?name=${encodeURIComponent(file.name)}`, {method: "POST", body: file,
-                             headers: {"Content-Type": file.type || "application/octet-stream"}});
-    if (!resp.ok) throw new Error(await errorText(resp));
-    const info = await resp.json();
-    const url = await readDataURL(file);
-    newChat();
-    mediaPart = info.kind === "video" ? {type: "video_url", video_url: {url}} : {type: "image_url", image_url: {url}};
-    $("preview").innerHTML = "";
-    if (previewURL) URL.revokeObjectURL(previewURL);
-    previewURL = null;
-    const isVideo = file.type.startsWith("video/");
-    if (isVideo || file.type.startsWith("image/")) {  // the browser shows what it can; the frames come from the server
-      previewURL = URL.createObjectURL(file);
-      const el = document.createElement(isVideo ? "video" : "img");
-      el.src = previewURL;
-      if (isVideo) { el.controls = true; el.muted = true; el.playsInline = true; }
-      $("preview").appendChild(el);
-    }
-    const what = info.kind === "video" ? `${info.frames} frame${info.frames === 1 ? "" : "s"}` : "image";
-    $("media-info").textContent = `${file.name}: ${what}, ${info.visual_tokens} visual tokens ` +
-                                  `(context ${info.context_length})`;
-    $("frames").innerHTML = "";
-    info.thumbnails.forEach((src, i) => {
-      const fig = document.createElement("figure");
-      const img = document.createElement("img");
-      img.src = src;
-      fig.appendChild(img);
-      if (info.kind === "video") {
-        const t = info.times[Math.round(i * (info.times.length - 1) / Math.max(info.thumbnails.length - 1, 1))];
-        const cap = document.createElement("figcaption");
-        cap.textContent = `${t.toFixed(1)} s`;
-        fig.appendChild(cap);
-      }
-      $("frames").appendChild(fig);
-    });
-  } catch (e) {
-    $("media-info").textContent = info0;
-    showError(failure(e, `send ${file.name}`));
-  } finally {
-    uploading = false;
-    $("send").disabled = busy;
-    $("file").value = "";  // choosing the same file again is a new choice
-  }
-}
-
-async function ask(event) {
-  event.preventDefault();
-  const question = $("question").value.trim();
-  if (busy || uploading || !question) return;
-  showError("");
-  const content = [];
-  if (mediaPart && !messages.some((m) => Array.isArray(m.content))) content.push(mediaPart);
-  content.push({type: "text", text: question});
-  const userMsg = {role: "user", content: content.length === 1 ? question : content};
-  const userDiv = bubble("user", question);
-  const div = bubble("assistant", "");
-  div.classList.add("pending");
-  div.dataset.chunks = "0";
-  const textEl = div.querySelector(".text");
-  busy = true;
-  $("send").disabled = true;
-  $("question").value = "";
-  const started = performance.now();
-  try {
-    const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({model: modelId, messages: [...messages, userMsg], stream: true,
-                            stream_options: {include_usage: true},
-                            temperature: Number($("temperature").value),
-                            max_tokens: Number($("max-tokens").value)})});
-    if (!resp.ok) throw new Error(await errorText(resp));
-    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "", answer = "", usage = null, finish = null;
-    read: while (true) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buffer += value;
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") break read;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message);
-          if (chunk.usage) usage = chunk.usage;
-          for (const choice of chunk.choices || []) {
-            if (choice.delta && choice.delta.content) {
-              answer += choice.delta.content;
-              textEl.textContent = answer;
-              div.dataset.chunks = String(Number(div.dataset.chunks) + 1);
-              scrollDown();
-            }
-            if (choice.finish_reason) finish = choice.finish_reason;
-          }
-        }
-      }
-    }
-    messages.push(userMsg, {role: "assistant", content: answer});
-    const meta = document.createElement("div");
-    meta.className = "meta";
-    const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    meta.textContent = (usage ? `${usage.prompt_tokens} prompt tokens · ${usage.completion_tokens} new · ` : "") +
-                       `${seconds} s` + (finish === "length" ? " · cut at max tokens" : "");
-    div.appendChild(meta);
-    scrollDown();
-    div.dataset.done = "1";
-  } catch (e) {
-    userDiv.remove();
-    div.remove();
-    $("question").value = question;
-    showError(failure(e, "ask"));
-  } finally {
-    div.classList.remove("pending");
-    busy = false;
-    $("send").disabled = uploading;
-  }
-}
-
-$("file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
-const drop = $("drop");
-drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over");
-                                       chooseFile(e.dataTransfer.files[0]); });
-$("ask").addEventListener("submit", ask);
-$("question").addEventListener("keydown", (e) => {
-  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("ask").requestSubmit(); }
-});
-$("reset").addEventListener("click", newChat);
-$("error").addEventListener("click", () => showError(""));
-
-(async () => {
-  try {
-    const health = await (await fetch("/health")).json();
-    modelId = health.model;
-    maxUploadMB = health.max_upload_mb;
-    $("model").textContent = `${modelId} · context ${health.context_length} tokens`;
-  } catch (e) {
-    showError(`the server does not answer: ${e.message || e}`);
-  }
-})();
-</script>
-</body>
-</html>
-"""
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, PermissionError, ValueError) as e:
-        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    chat.run_command(main)

@@ -140,7 +140,7 @@ class TextStream:
 
     def __init__(self, tokenizer, on_text: Optional[Callable] = None, stop=(), cancelled: Optional[Callable] = None):
         self.tokenizer, self.on_text, self.stop, self.cancelled = tokenizer, on_text, [s for s in stop if s], cancelled
-        self.ids, self.text, self.finish_reason = [], "", "length"
+        self.ids, self.text, self.finish_reason, self.hit_stop = [], "", "length", False
 
     def __call__(self, tok) -> bool:
         if self.cancelled is not None and self.cancelled():
@@ -158,7 +158,7 @@ class TextStream:
         hits = [i for i in (text.find(s, max(len(self.text) - len(s) + 1, 0)) for s in self.stop) if i >= 0]
         if hits:
             self._send(text[:max(min(hits), len(self.text))])
-            self.finish_reason = "stop"
+            self.finish_reason, self.hit_stop = "stop", True
             return True
         hold = 0 if final else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         self._send(text[:len(text) - hold])
@@ -172,7 +172,7 @@ class TextStream:
 
     def finish(self) -> str:
         """Send what was held back (nothing after a stop string) and return the whole text."""
-        if self.finish_reason != "stop" or not self.stop:
+        if not self.hit_stop:  # (after EOS or the length limit, text held back for a stop string is sent)
             self._flush(self.tokenizer.decode(self.ids), final=True)
         return self.text
 

@@ -426,7 +426,7 @@ LONG_VIDEO_SUFFIXES = (".safetensors", ".pkl")  # a "video" entry of a data file
 # frames -> EVA features, decoding overlapped with the vision tower
 
 @torch.no_grad()
-def encode_frames(model, frames, batch_size=32, workers=8, keep_on_device=False, stats=None):
+def encode_frames(model, frames, batch_size=32, workers=8, keep_on_device=False, stats=None, progress=True):
     """EVA features (T, 1+N, W) and times of a stream of (frame, seconds), batch by batch, with a progress bar: an
     hour of 720p video never sits decoded in memory at once. model: a LlamaVID (its vision tower and image size).
 
@@ -471,7 +471,7 @@ def encode_frames(model, frames, batch_size=32, workers=8, keep_on_device=False,
             put(e)
 
     out, times, pending = [], [], deque()
-    bar = tqdm(desc="encoding frames", unit="frame", file=sys.stderr)
+    bar = tqdm(desc="encoding frames", unit="frame", file=sys.stderr, disable=not progress)
 
     def encode(job):
         pixels, n = job[0].result(), job[1]

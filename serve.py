@@ -352,10 +352,15 @@ def parse_chat(body: bytes, cfg) -> ChatRequest:
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", cfg["max_new_tokens"], 1, 2**31, integer=True)
     seed = _number(req, "seed", None, -2**63, 2**64 - 1, integer=True)
     # without temperature / top_p, the model's own defaults (chat.default_sampling), not OpenAI's 1.0
+    temperature = float(_number(req, "temperature", cfg["temperature"], 0, 2))
+    top_p = float(_number(req, "top_p", cfg["top_p"], 0, 1))
+    try:
+        chat.check_sampling(temperature, top_p)
+    except ValueError as e:
+        raise APIError(400, str(e), param="top_p" if "top_p" in str(e) else "temperature") from None
     return ChatRequest(turns=turns, source=source, system=system, question=turns[-1][1],
                        max_tokens=max_tokens,
-                       temperature=float(_number(req, "temperature", cfg["temperature"], 0, 2)),
-                       top_p=float(_number(req, "top_p", cfg["top_p"], 0, 1)),
+                       temperature=temperature, top_p=top_p,
                        stop=[s for s in stop if s], seed=seed, stream=stream,
                        include_usage=isinstance(options, dict) and bool(options.get("include_usage")))
 
@@ -488,7 +493,7 @@ class Engine:
         kind = self.kind(src)
         # an hour of a movie's features waits on the CPU in float16; a short video's stay on the device
         features, times = encode_frames(self.model, previewed(iter_video(path, self.args.fps, self.args.max_frames)),
-                                        EVA_BATCH, keep_on_device=kind != "movie")
+                                        EVA_BATCH, keep_on_device=kind != "movie", progress=False)
         text = movie_prompt([], times, self.model.video_token) if kind == "movie" else None
         return CachedMedia(kind, features=features, times=times, text=text, thumbnails=spread(thumbs, THUMBNAILS),
                            nbytes=features.numel() * features.element_size())

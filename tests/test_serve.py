@@ -388,6 +388,7 @@ def test_malformed_bodies_get_their_own_400(world, client):
     for n in (True, 1.0, 2):
         assert_error(chat_request(world, hi, n=n), 400, "n must be the integer 1")
     assert chat_request(world, hi, n=1)[0] == 200
+    assert_error(chat_request(world, hi, top_p=0), 400, "top_p must be in (0, 1]")  # (was a 500 from generate)
     # all junk (it decoded to nothing: "empty"); junk after good bytes (decoded to 3 zero bytes); one character
     # too many; a character outside ASCII
     for payload in ("!!!!", "!!!!not-base64!!!!", "AAAA$$$$", "A", "AAAA\u00e9"):

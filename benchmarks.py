@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from tqdm import tqdm
 
-from data import QUESTION_TYPES, TIME_ORDER_TYPES
+from shapes import QUESTION_TYPES, TIME_ORDER_TYPES
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA's short-answer suffix
 LETTER_ANSWER = "Answer with the option's letter from the given choices directly."  # its multiple-choice one

@@ -9,8 +9,9 @@ import warnings
 import numpy as np
 import pytest
 
-from data import (COLOURS, QUESTION_TYPES, TIME_ORDER_TYPES, Tokenizer, image_first, load_video,
-                  make_shapes_dataset, preprocess)
+from data import Tokenizer, image_first, preprocess
+from media import load_video
+from shapes import COLOURS, QUESTION_TYPES, TIME_ORDER_TYPES, make_shapes_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +39,7 @@ def test_clips_show_what_their_text_says(tmp_path):
     object's quarter of the frame (7 px below its centre: inside a square, a triangle and a ring alike) has the
     colour the event says, before and after it."""
     import random
-    from data import shapes_clip
+    from shapes import shapes_clip
     out = make_shapes_dataset(tmp_path, n_train=8, n_val=12, seed=0, frames=16, size=64, fps=2)
     val = json.loads((out / "val.json").read_text())
     assert [v["type"] for v in val] == [QUESTION_TYPES[i % len(QUESTION_TYPES)] for i in range(12)]

@@ -131,7 +131,7 @@ def accuracy(hits):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the quick start's shapes clips (data.make_shapes_dataset)
+# the quick start's shapes clips (shapes.make_shapes_dataset)
 
 
 def normalize(text):

@@ -4,6 +4,8 @@ import ast
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import sys
 import time
@@ -39,7 +41,7 @@ out_dir = "out/run"
 resume = True                # continue from out_dir/train_state.pt when it exists
 stages = ()                  # several stages in one command, e.g. (1, 2) (config/shapes.py): see run_stages
 stage_overrides = {}         # {stage: {key: value}} for run_stages: over the config file, under --key=value
-shapes_dataset = {}          # data.make_shapes_dataset arguments: that synthetic data is written first (once)
+shapes_dataset = {}          # shapes.make_shapes_dataset arguments: that synthetic data is written first (once)
 # LoRA (the original's lora_enable / bits): adapters on the LLM's projections, base weights frozen
 lora = False
 lora_r = 64
@@ -73,6 +75,7 @@ device = "auto"
 log_interval = 1
 save_interval = 1000         # steps; a final checkpoint is written too
 save_checkpoints = True      # False: measure only (benchmark runs)
+max_shard_size = "10GB"      # weight shards of at most this much (transformers' save_pretrained default), or bytes
 wandb_log = False
 wandb_project = "llama-vid"
 wandb_run_name = "run"
@@ -178,7 +181,28 @@ def build_model(cfg, device, vocab=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# saving in the original HF layout
+# saving: the original HF layout, in whole checkpoints
+#
+# out_dir/checkpoint-N/   one whole checkpoint: what transformers 4.31's Trainer writes for these models
+#                         (config.json, pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json, the
+#                         tokenizer, vocab.txt; stage 1 also mm_projector.bin; LoRA: peft's files) and
+#                         train_state.pt (optimizer, RNG, step: tensors and plain data, read with weights_only)
+# out_dir/latest          the name of the newest whole checkpoint: the one a resume takes
+# out_dir/*               that checkpoint's model files, hard-linked: what sample.py, LlamaVID.from_pretrained
+#                         and the original's builder load
+#
+# A checkpoint is written under checkpoint-N.partial, synced to disk, renamed to checkpoint-N, and only then named
+# in `latest` (a rename too): a kill at any moment leaves `latest` naming a whole checkpoint, old or new.
+
+WEIGHTS_INDEX = "pytorch_model.bin.index.json"
+TRAIN_STATE = "train_state.pt"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+LATEST = "latest"
+# what a save puts at the top of out_dir; a file of these names that the new checkpoint lacks is stale
+MODEL_FILES = re.compile(r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json|model.*\.safetensors(\.index\.json)?|"
+                         r"mm_projector\.bin|adapter_model\..*|adapter_config\.json|non_lora_trainables\.bin|"
+                         + re.escape(TRAIN_STATE))
+
 
 def full_state_dict(model, distributed):
     if distributed:
@@ -195,18 +219,91 @@ def to_original_keys(state, model):
         if k.startswith("llm."):
             out[ours_to_hf(k[4:])] = v
         elif k.startswith("vision."):
-            out[VISION_PREFIX + k[7:]] = v.to(torch.float16)  # frozen: stored as LAVIS does, in float16
+            # frozen: stored as LAVIS does, in float16, unless that would round it (a scratch model's random
+            # EVA): a resumed run must hold the very weights the interrupted one did
+            half = v.to(torch.float16)
+            out[VISION_PREFIX + k[7:]] = half if torch.equal(half.to(v.dtype), v) else v
     visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
     out.update(model.visual.llamavid_state_dict(visual))
     return out
 
 
-def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_dir, vocab_file, train_state,
-                    lora_cfg=None):
-    """Write out_dir in the original HF layout plus train_state.pt. Every file is written into out_dir/.staging
-    first and moved into place only when all are complete: a kill while writing leaves the previous checkpoint
-    whole (train_state.pt, which a resume reads first, is moved last)."""
-    from safetensors.torch import save_file
+def parse_size(size) -> int:
+    """Bytes from an int or a size as transformers writes it: "10GB" (10**10), "500MiB" (500 * 2**20)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes or e.g. '10GB', '500MB', '2GiB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "KMG".index(unit[0]) * base)
+
+
+def shard_weights(weights, max_bytes):
+    """{file name: tensors} as transformers 4.31 shards a state dict: in order, a new shard whenever the next
+    tensor would take the current one past max_bytes (so a larger tensor gets a shard of its own). Unlike 4.31,
+    one shard is still named -00001-of-00001 with an index: the original finds its weights through the index."""
+    shards, size = [{}], 0
+    for k, v in weights.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return {f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin": shard for i, shard in enumerate(shards)}
+
+
+def save_weights(weights, folder, max_bytes):
+    """pytorch_model-0000k-of-0000n.bin (plain dicts of tensors) and pytorch_model.bin.index.json."""
+    weight_map = {}
+    for name, shard in shard_weights(weights, max_bytes).items():
+        torch.save(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_model_files(folder, model, state, cfg, files, lora_cfg=None):
+    """The files the original's builder (and ours) loads a model from, written into folder; files: {name: bytes}
+    of the tokenizer and the vocabulary."""
+    if lora_cfg is not None:  # peft's layout (adapter_config.json, adapter_model.safetensors, non_lora_trainables)
+        from lora import merged_state_dict, save_adapters
+        save_adapters(model, folder, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
+        state = merged_state_dict(model, state) if cfg["lora_save_merged"] else None
+    if state is not None:
+        weights = {}
+        for k, v in to_original_keys(state, model).items():
+            v = v.contiguous()
+            # a view (a slice of a fused weight) would be written with the whole storage under it
+            weights[k] = v.clone() if v.untyped_storage().nbytes() != v.nbytes else v
+        save_weights(weights, folder, parse_size(cfg["max_shard_size"]))
+        if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
+            torch.save({k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))},
+                       folder / "mm_projector.bin")
+    hf = dict(model.hf_config)
+    hf.update(torch_dtype="float32", transformers_version="4.31.0")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the files in it are synced already
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(model, optimizer, step, cfg, distributed, rank, files, train_state, lora_cfg=None):
+    """Write out_dir/checkpoint-{step} whole, point out_dir/latest at it, and put its model files at the top of
+    out_dir (see the layout above). Every process takes part in gathering the state; process 0 writes."""
     state = full_state_dict(model, distributed)
     optim = None
     if distributed:
@@ -218,32 +315,100 @@ def save_checkpoint(model, optimizer, step, cfg, distributed, rank, tokenizer_di
     if rank != 0:
         return
     out = Path(cfg["out_dir"])
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    if lora_cfg is not None:  # peft's layout (adapter_config.json, adapter_model.safetensors, non_lora_trainables)
-        from lora import merged_state_dict, save_adapters
-        save_adapters(model, staging, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
-        state = merged_state_dict(model, state) if cfg["lora_save_merged"] else None
-    if state is not None:
-        weights = {k: v.contiguous() for k, v in to_original_keys(state, model).items()}
-        save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
-            torch.save({k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))},
-                       staging / "mm_projector.bin")
-    hf = dict(model.hf_config)
-    hf.update(torch_dtype="float32", transformers_version="4.31.0")
-    (staging / "config.json").write_text(json.dumps(hf, indent=2))
-    for src in [Path(tokenizer_dir) / n for n in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")]:
-        if src.exists():
-            shutil.copyfile(src, staging / src.name)
-    if vocab_file is not None:
-        shutil.copyfile(vocab_file, staging / "vocab.txt")
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoint-{step}"
+    staging, ckpt = out / f"{name}.partial", out / name
+    if staging.exists():  # left by a killed save
+        shutil.rmtree(staging)
+    staging.mkdir()
+    write_model_files(staging, model, state, cfg, files, lora_cfg)
     plain = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    torch.save(dict(train_state, step=step, optimizer=optim, config=plain), staging / "train_state.pt")
-    for f in sorted(staging.iterdir(), key=lambda f: f.name == "train_state.pt"):
-        os.replace(f, out / f.name)
-    staging.rmdir()
+    torch.save(dict(train_state, step=step, optimizer=optim, config=plain), staging / TRAIN_STATE)
+    for f in staging.iterdir():
+        fsync(f)
+    fsync(staging)
+    if ckpt.exists():  # an earlier run's, which `latest` no longer names (a fresh start unlinks it)
+        shutil.rmtree(ckpt)
+    os.rename(staging, ckpt)
+    fsync(out)
+    pointer = out / f"{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    fsync(pointer)
+    os.replace(pointer, out / LATEST)  # the switch: from here on a resume takes this checkpoint
+    fsync(out)
+    install(ckpt)
+
+
+def latest_checkpoint(out_dir):
+    """(path, step) of the whole checkpoint out_dir/latest names, or None when there is none."""
+    out = Path(out_dir)
+    pointer = out / LATEST
+    if not pointer.is_file():
+        if (out / TRAIN_STATE).is_file():
+            raise ValueError(f"{out} holds a checkpoint of an earlier train.py layout (train_state.pt beside the "
+                             "weights), which cannot be resumed safely; start afresh with --resume=False or another "
+                             "out_dir")
+        return None
+    name = pointer.read_text().strip()
+    m = re.fullmatch(r"checkpoint-(\d+)", name)
+    if m is None or not (out / name / TRAIN_STATE).is_file():
+        raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint directory in {out}; resume with "
+                         "another out_dir or start afresh with --resume=False")
+    return out / name, int(m.group(1))
+
+
+def read_train_state(path):
+    """train_state.pt: tensors and plain data only, so reading it never runs code from the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {culprit.group(1)}" if culprit else "it holds objects"
+        raise ValueError(f"refusing to resume from {path}: {what}, and a train state holds only tensors and plain "
+                         "data; resume from a checkpoint train.py wrote, or start afresh with --resume=False") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): the "
+                         "file is cut short or damaged; start afresh with --resume=False") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            not isinstance(state.get("rng_cpu"), list) or not isinstance(state.get("rng_cuda"), list):
+        raise ValueError(f"{path} is not a train state written by train.py; start afresh with --resume=False")
+    return state
+
+
+def install(ckpt):
+    """Make the whole checkpoint ckpt what the top of its out_dir holds: its model files hard-linked there, the
+    index (or adapter_config.json) removed first and linked last, so that a loader finds the previous model, this
+    one or none, never a mix; then remove every other checkpoint directory."""
+    out = ckpt.parent
+    files = {f.name: f for f in sorted(ckpt.iterdir()) if f.name != TRAIN_STATE}
+
+    def unchanged(name):  # (config.json and the tokenizer stay the same from save to save)
+        src, dst = files[name], out / name
+        return dst.exists() and (os.path.samefile(src, dst) or
+                                 (src.stat().st_size < 1 << 20 and src.read_bytes() == dst.read_bytes()))
+    todo = [n for n in files if not unchanged(n)]
+    stale = [f for f in sorted(out.iterdir()) if f.is_file() and MODEL_FILES.fullmatch(f.name) and f.name not in files]
+    if todo or stale:
+        last = [n for n in (WEIGHTS_INDEX, "adapter_config.json") if n in files]
+        for name in last:
+            if (out / name).exists():
+                os.unlink(out / name)
+        for f in stale:
+            os.unlink(f)
+        for name in [n for n in todo if n not in last] + last:
+            tmp = out / f".{name}.tmp"
+            if tmp.exists():
+                os.unlink(tmp)
+            try:
+                os.link(files[name], tmp)
+            except OSError:  # no hard links on this file system: a copy
+                shutil.copyfile(files[name], tmp)
+                fsync(tmp)
+            os.replace(tmp, out / name)
+        fsync(out)
+    for d in sorted(out.glob("checkpoint-*")):
+        if d.is_dir() and d != ckpt:
+            shutil.rmtree(d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,8 +475,8 @@ def main(argv, return_model=False):
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        if not dist.is_initialized():  # (once a process: run_stages calls main for every stage)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
@@ -325,7 +490,7 @@ def main(argv, return_model=False):
         keep_freed_memory()
     if cfg["shapes_dataset"]:  # the quick start's synthetic clips and vocabularies (skipped once written)
         if master:
-            from data import make_shapes_dataset
+            from shapes import make_shapes_dataset
             make_shapes_dataset(**cfg["shapes_dataset"])
         if distributed:
             dist.barrier()
@@ -341,12 +506,27 @@ def main(argv, return_model=False):
     accum = cfg["global_batch_size"] // per_step
 
     out = Path(cfg["out_dir"])
-    resuming = cfg["resume"] and (out / "train_state.pt").exists()
-    if resuming and not cfg["lora"]:  # (a LoRA run rebuilds its base, then loads its adapters from out_dir)
-        cfg["init_from"] = str(out)
+    found = latest_checkpoint(out) if cfg["resume"] else None
+    resuming = found is not None
+    step, train_state = 0, {}
+    if resuming:
+        ckpt = found[0]
+        train_state = read_train_state(ckpt / TRAIN_STATE)  # before anything else is built from the directory
+        step = train_state["step"]
+        if step != found[1]:
+            raise ValueError(f"{ckpt / TRAIN_STATE} is at step {step}, not {found[1]}: the checkpoint was altered; "
+                             "start afresh with --resume=False")
+        if not cfg["lora"]:  # (a LoRA run rebuilds its base, then loads its adapters from the checkpoint)
+            cfg["init_from"] = str(ckpt)
+    elif master and cfg["save_checkpoints"] and (out / LATEST).exists():
+        (out / LATEST).unlink()  # a fresh start: an earlier run's checkpoints are never resumed from now on
     src_dir = Path(cfg["init_from"] if cfg["init_from"] not in ("", "scratch") else cfg["llm_path"] or cfg["tokenizer_dir"])
     vocab = find_bert_vocab(src_dir, cfg["bert_path"] or None)
     tokenizer = Tokenizer(src_dir)
+    # what every checkpoint carries beside the weights, read now: a resumed run's source is a checkpoint that its
+    # next save removes
+    side_files = {n: (src_dir / n).read_bytes() for n in TOKENIZER_FILES if (src_dir / n).is_file()}
+    side_files["vocab.txt"] = Path(vocab).read_bytes()
     model = build_model(cfg, dev, vocab)  # a resumed run rebuilds from its own last checkpoint
     params = set_trainable(model, cfg["stage"])
     if master:
@@ -360,7 +540,7 @@ def main(argv, return_model=False):
         lora_cfg = LoRAConfig(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
         apply_lora(model, lora_cfg)  # freezes the LLM; the visual parts keep the stage's choice
         if resuming:
-            load_adapters(model, out, merge=False)
+            load_adapters(model, ckpt, merge=False)
         if cfg["lora_base_quant"]:
             quantize_base(model, cfg["lora_base_quant"])
         model.to(dev)
@@ -418,23 +598,29 @@ def main(argv, return_model=False):
     optimizer = torch.optim.AdamW([{"params": group} for group in split if group], lr=cfg["learning_rate"],
                                   betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
                                   fused=dev.type == "cuda" or not distributed)  # (CPU too: 5x a loop's speed)
-    step, train_state = 0, {}
     if resuming:
-        train_state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
-        step = train_state["step"]
         if distributed:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            names = {id(p): n for n, p in model.named_parameters()}
+            if [g["params"] for g in train_state["optimizer"]["param_groups"]] != \
+                    [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:
+                raise ValueError(f"{ckpt / TRAIN_STATE}: its optimizer state does not fit this run's trainable "
+                                 "parameters; resume with the settings it was written with, or start afresh with "
+                                 "--resume=False or another out_dir")
+            # not strict: a parameter that never had a gradient (the Q-Former's last text layer) has no state,
+            # in the run that saved it as in this one
             set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             try:
                 optimizer.load_state_dict(train_state["optimizer"])
             except ValueError as e:  # e.g. written with other trainable parts, or before the two rate groups
-                raise ValueError(f"{out / 'train_state.pt'}: its optimizer state does not fit this run's trainable "
+                raise ValueError(f"{ckpt / TRAIN_STATE}: its optimizer state does not fit this run's trainable "
                                  f"parameters ({e}); resume with the settings it was written with, or start afresh "
                                  "with --resume=False or another out_dir") from None
         if master:
-            print(f"resumed from {out} at step {step}")
+            print(f"resumed from {ckpt} at step {step}")
+            install(ckpt)  # the top of out_dir as a save left it, had a kill cut that save short
 
     def order_for(epoch):
         if cfg["group_by_length"]:  # micro batches of similar lengths, whatever the process count
@@ -470,9 +656,10 @@ def main(argv, return_model=False):
         model.vision.eval()  # frozen and without dropout
     it = iter(loader)  # (draws the workers' seeds from the RNG: restore the saved RNG after it)
     if resuming:
-        torch.set_rng_state(train_state["rng_cpu"])
-        if dev.type == "cuda" and train_state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(train_state["rng_cuda"])
+        own = rank if rank < len(train_state["rng_cpu"]) else 0  # (another process count cannot be exact anyway)
+        torch.set_rng_state(train_state["rng_cpu"][own])
+        if dev.type == "cuda" and train_state["rng_cuda"][own] is not None:
+            torch.cuda.set_rng_state(train_state["rng_cuda"][own])
     t0, tokens_seen, flops_seen, losses, skipped = time.time(), 0, 0.0, [], 0
     while step < total:
         lr = lr_at(step, total, cfg)
@@ -516,9 +703,12 @@ def main(argv, return_model=False):
                 wandb.log(msg)
             t0, tokens_seen, flops_seen = time.time(), 0, 0.0
         if cfg["save_checkpoints"] and (step % cfg["save_interval"] == 0 or step == total):
-            state = {"rng_cpu": torch.get_rng_state(),
-                     "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "losses": losses}
-            save_checkpoint(model, optimizer, step, cfg, distributed, rank, src_dir, vocab, state, lora_cfg)
+            rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if dev.type == "cuda" else None)]
+            if distributed:  # every process draws its own dropout masks: keep each one's generator
+                rngs = rngs * world
+                dist.all_gather_object(rngs, rngs[rank])
+            state = {"rng_cpu": [r[0] for r in rngs], "rng_cuda": [r[1] for r in rngs], "losses": losses}
+            save_checkpoint(model, optimizer, step, cfg, distributed, rank, side_files, state, lora_cfg)
     bar.close()
     skipped = torch.tensor([skipped], device=dev)
     if distributed:
@@ -528,7 +718,7 @@ def main(argv, return_model=False):
             print(f"{int(skipped.item())} unreadable sample(s) were skipped (see the warnings above)")
         print(f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in {out}")
     if distributed:
-        dist.destroy_process_group()
+        dist.barrier()  # every process returns once process 0 has written the checkpoint (a next stage reads it)
     return (losses, model) if return_model else losses
 
 
@@ -571,6 +761,8 @@ class _IndexBatches(torch.utils.data.IterableDataset):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
+        if dist.is_initialized():
+            dist.destroy_process_group()
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

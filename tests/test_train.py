@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train
 from data import LLaVADataset, Tokenizer, collate, import_feature_pkl, length_grouped_order, write_video
-from model import LlamaVID
+from model import LlamaVID, checkpoint_files, iter_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,11 @@ def run(args, out, nproc=None, **kw):
             if '"loss"' in line]
 
 
+def weights(folder):
+    """Every tensor of the checkpoint at the top of folder, through its shard index."""
+    return {k: v for f in checkpoint_files(folder) for k, v in iter_tensors(f)}
+
+
 def stage2_args(fixtures, dataset):
     return ["--stage=2", f"--init_from={fixtures / 'video'}", f"--data_path={dataset / 'data.json'}",
             f"--video_folder={dataset}", "--global_batch_size=4", "--micro_batch_size=2"]
@@ -67,7 +72,7 @@ def test_stage2_learns_and_saves_original_layout(fixtures, dataset, tmp_path):
     losses = run(stage2_args(fixtures, dataset), tmp_path / "out", max_steps=6)
     assert losses[-1] < 0.8 * losses[0]
     out = tmp_path / "out"
-    keys = set(load_file(str(out / "model.safetensors")))
+    keys = set(weights(out))
     original = set(json.loads((fixtures / "video" / "pytorch_model.bin.index.json").read_text())["weight_map"])
     original = {k for k in original if "rotary_emb" not in k and "position_ids" not in k}
     assert original <= keys  # every key the original checkpoint has, under the same name
@@ -106,10 +111,10 @@ def test_stage_freezing(fixtures, dataset, tmp_path):
 def test_resume_is_exact(fixtures, dataset, tmp_path):
     straight = run(stage2_args(fixtures, dataset), tmp_path / "a", max_steps=4, resume=False)
     run(stage2_args(fixtures, dataset), tmp_path / "b", max_steps=2, resume=False)
-    resumed = run(stage2_args(fixtures, dataset), tmp_path / "b", max_steps=4)  # picks up train_state.pt
+    resumed = run(stage2_args(fixtures, dataset), tmp_path / "b", max_steps=4)  # picks up checkpoint-2
     assert resumed[-2:] == straight[-2:]
-    a = load_file(str(tmp_path / "a" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    a = weights(tmp_path / "a")
+    b = weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -195,7 +200,7 @@ def test_cached_videos_are_decoded_once_and_unchanged(fixtures, tmp_path, monkey
     got = [cached[i]["media"] for i in (0, 1, 0)]
     assert len(reads) == 2  # the cached dataset decoded its one video once
     for g in got:
-        assert torch.equal(g, want)
+        assert torch.equal(g.pixels, want.pixels)
 
 
 def test_encoded_cache_serves_the_features_of_the_frames(fixtures, tmp_path):
@@ -217,8 +222,8 @@ def test_encoded_cache_serves_the_features_of_the_frames(fixtures, tmp_path):
     encode = lambda px: (px.flatten(1) @ weight.T)[:, None].expand(-1, 3, -1)  # (N, 1+2, 5)
     assert cached.encode_cache(encode, videos_per_call=1) == 2
     for i in range(3):
-        want = encode(plain[i]["media"])
-        assert torch.allclose(cached[i]["media"], want, atol=1e-5)
+        want = encode(plain[i]["media"].pixels)
+        assert torch.allclose(cached[i]["media"].features, want, atol=1e-5)
         assert torch.equal(cached[i]["input_ids"], plain[i]["input_ids"])
         assert cached[i]["prompts"] == plain[i]["prompts"] == ["x", "z"]
 
@@ -260,7 +265,7 @@ def test_lora_stage2_trains_adapters_only(fixtures, dataset, tmp_path, quant):
                  learning_rate=3e-3)
     assert losses[-1] < 0.8 * losses[0]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
-    assert not (out / "model.safetensors").exists()
+    assert not (out / "model.safetensors").exists() and not list(out.glob("pytorch_model*"))
     base = LlamaVID.from_pretrained(fixtures / "video")
     merged = load_lora_model(out, fixtures / "video")  # the base + our adapters + non-LoRA trainables, merged
     changed = [n for n, p in merged.llm.named_parameters() if not torch.equal(p, base.llm.state_dict()[n])]
@@ -286,19 +291,18 @@ def test_checkpoint_gives_the_in_memory_logits(fixtures, dataset, tmp_path):
     """What train.py writes loads (as sample.py loads it) into the model that was in memory: same logits."""
     import subprocess
     from data import Tokenizer, tokenize_with_images
-    from vision import preprocess_images
-    from PIL import Image
+    from media import image_media
     losses, trained = train.main(stage2_args(fixtures, dataset) + [f"--out_dir={tmp_path / 'o'}", "--num_workers=0",
                                                                    "--max_steps=2", "--learning_rate=1e-3"],
                                  return_model=True)
     loaded = LlamaVID.from_pretrained(tmp_path / "o")
     tok = Tokenizer(tmp_path / "o")
     ids = torch.tensor(tokenize_with_images("USER: <image>\nWhat is red? ASSISTANT:", tok))[None]
-    pixels = preprocess_images([Image.open(fixtures / "cases" / "image.png").convert("RGB")], loaded.image_size)
+    image = image_media(fixtures / "cases" / "image.png", loaded.image_size)
     trained.eval()
     with torch.no_grad():
-        a, _ = trained(ids, [pixels], [["What is red?"]])
-        b, _ = loaded(ids, [pixels], [["What is red?"]])
+        a, _ = trained(ids, [image], [["What is red?"]])
+        b, _ = loaded(ids, [image], [["What is red?"]])
     assert (a - b).abs().max() <= 1e-5 * max(1.0, a.abs().max().item())
     res = subprocess.run([sys.executable, "sample.py", "--model-path", str(tmp_path / "o"), "--image",
                           str(fixtures / "cases" / "image.png"), "--question", "What is red?", "--device", "cpu",
@@ -307,22 +311,24 @@ def test_checkpoint_gives_the_in_memory_logits(fixtures, dataset, tmp_path):
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(fixtures, dataset, tmp_path, monkeypatch):
-    import safetensors.torch
     out = tmp_path / "o"
     run(stage2_args(fixtures, dataset), out, max_steps=2, resume=False)
-    before = load_file(str(out / "model.safetensors"))
-    real = safetensors.torch.save_file
+    before = weights(out)
+    real = torch.save
 
-    def dies_midway(tensors, path, metadata=None):
-        real(dict(list(tensors.items())[:3]), path, metadata=metadata)  # a partial file, then the process dies
-        raise KeyboardInterrupt("killed while writing")
-    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    def dies_midway(obj, f, *args, **kw):
+        if str(f).endswith(".bin"):  # a partial weight file, then the process dies
+            Path(f).write_bytes(b"PK\x03\x04 cut short")
+            raise KeyboardInterrupt("killed while writing")
+        return real(obj, f, *args, **kw)
+    monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         run(stage2_args(fixtures, dataset), out, max_steps=4)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
-    after = load_file(str(out / "model.safetensors"))
+    monkeypatch.setattr(torch, "save", real)
+    after = weights(out)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2
+    ckpt, step = train.latest_checkpoint(out)
+    assert step == 2 and torch.load(ckpt / train.TRAIN_STATE, weights_only=True)["step"] == 2
     LlamaVID.from_pretrained(out)  # still a whole checkpoint
     assert len(run(stage2_args(fixtures, dataset), out, max_steps=4)) == 2  # and it resumes from step 2
 

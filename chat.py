@@ -300,7 +300,7 @@ def check_args(p, args):
         p.error(f"--fps must be a positive, finite number of frames per second, got {args.fps}")
     if getattr(args, "max_frames", None) is not None and args.max_frames < 1:
         p.error(f"--max-frames must be at least 1, got {args.max_frames}")
-    if getattr(args, "max_new_tokens", 1) < 1:
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     try:
         check_sampling(getattr(args, "temperature", None), getattr(args, "top_p", None))

@@ -21,23 +21,23 @@ import torch
 from tqdm import tqdm
 
 from benchmarks import BENCHMARKS, by_id, media_folder
-from chat import human_message, pick_device, pick_dtype, prompt_ids
-from data import Tokenizer
+from chat import (DEFAULT_MODEL, ArgumentParser, add_media_args, add_model_args, check_args, human_message,
+                  load_model_from_args, prompt_ids, run_command)
+from checkpoint import checkpoint_dir, is_hub_id
 from media import load_image, load_video, preprocess_frames, preprocess_images
-from model import LlamaVID, Media
+from model import Media
 
 # ----------------------------------------------------------------------------------------------------------
 # the model and its inputs
 
 
 def load_model(args):
-    """The model and tokenizer on --device in --dtype (auto: CUDA in bfloat16, then MPS, then the CPU in float32)."""
+    """The model and tokenizer as chat.load_model gives them (--device / --dtype auto: CUDA in bfloat16, then MPS,
+    then the CPU in float32; Hub ids, LoRA runs, --quantize)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    model = LlamaVID.from_pretrained(args.model_path, vision_path=args.vision_path, bert_path=args.bert_path,
-                                     dtype=pick_dtype(args.dtype, device), device=device)
-    return model, Tokenizer(args.model_path)
+    model, tokenizer, _ = load_model_from_args(args)
+    return model, tokenizer
 
 
 def model_id(model_path):
@@ -210,9 +210,8 @@ def print_table(results):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--benchmark", default="shapes", choices=list(BENCHMARKS), help="what the questions are scored as")
-    p.add_argument("--model-path", type=Path, default=Path("out/shapes"), help="LLaMA-VID checkpoint directory")
     p.add_argument("--questions", type=Path, default=Path("out/shapes_data/val.json"),
                    help="the benchmark's question file (shapes: LLaVA-format JSON or a .jsonl of LLaVA eval questions)")
     p.add_argument("--media-folder", "--image-folder", "--video-folder", type=Path, default=None,
@@ -228,13 +227,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the benchmark's (shapes 32, images 128, multiple choice 1024, videos 512)")
-    p.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second")
-    p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--vision-path", type=Path, default=None)
-    p.add_argument("--bert-path", type=Path, default=None)
-    p.add_argument("--device", default="auto", help="cuda, mps or cpu (auto: the first available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA (float16 where it lacks bfloat16), float16 on MPS, float32 on the CPU")
+    add_model_args(p)
+    add_media_args(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g = p.add_argument_group("scoring")
     g.add_argument("--annotations", type=Path, default=None,
@@ -254,15 +248,18 @@ def parse_args(argv=None):
     g.add_argument("--judge-key", default=None, help="the judge's API key (sent only to --judge-url)")
     g.add_argument("--judge-workers", type=int, default=8, help="judge requests in flight at once")
     g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds to wait for one judge reply")
-    args = p.parse_args(argv)
-    if args.batch_size < 1 or args.max_new_tokens is not None and args.max_new_tokens < 1:
-        p.error("--batch-size and --max-new-tokens must be at least 1")
+    args = check_args(p, p.parse_args(argv))
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    args.model_path = args.model_path or str(DEFAULT_MODEL)
+    # answers and figures go beside a local checkpoint; a Hub model's go to out/<its name>
+    where = Path("out") / args.model_path.rsplit("/", 1)[-1] if is_hub_id(args.model_path) else Path(args.model_path)
     # the quick start's files are named after its question file (<model>/answers_val.jsonl, results_val.json), a
     # paper benchmark's after the benchmark: MSVD-QA and MSRVTT-QA both name theirs test_qa.json
     if args.benchmark == "shapes":
-        args.answers = args.answers or args.model_path / f"answers_{args.questions.stem}.jsonl"
-        args.results = args.results or args.model_path / f"results_{args.questions.stem}.json"
-    args.answers = args.answers or args.model_path / f"answers_{args.benchmark}.jsonl"
+        args.answers = args.answers or where / f"answers_{args.questions.stem}.jsonl"
+        args.results = args.results or where / f"results_{args.questions.stem}.json"
+    args.answers = args.answers or where / f"answers_{args.benchmark}.jsonl"
     args.results = args.results or args.answers.with_name(args.answers.stem + "_results.json")
     return args
 
@@ -279,7 +276,7 @@ def main(argv=None):
     mid = None
     if not args.score_only:
         model, tokenizer = load_model(args)
-        mid = model_id(args.model_path)
+        mid = model_id(checkpoint_dir(args.model_path))
         for name, path in runs.items():
             t0 = time.time()
             with zero_context(model) if name == "zero-context" else contextlib.nullcontext():
@@ -307,8 +304,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(lambda: main() is None)  # exit code 0

@@ -713,13 +713,15 @@ def test_msvd_run_on_a_video(tmp_path, fixtures):
 def test_device_and_dtype_picked_as_sample_does(fixtures, monkeypatch):
     """--device / --dtype auto: CUDA in bfloat16 where there is a GPU, else the CPU in float32."""
     import model as model_module
+    from types import SimpleNamespace
     got = {}
+    loaded = SimpleNamespace(llm=SimpleNamespace(fuse=lambda: None))  # what from_pretrained gives (CUDA fuses it)
     monkeypatch.setattr(model_module.LlamaVID, "from_pretrained",
-                        classmethod(lambda cls, path, **kw: got.update(kw) or "model"))
+                        classmethod(lambda cls, path, **kw: got.update(kw) or loaded))
     args = E.parse_args(["--model-path", str(fixtures / "image")])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert E.load_model(args)[0] == "model"
+    assert E.load_model(args)[0] is loaded
     assert (got["device"], got["dtype"]) == (torch.device("cpu"), torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -24,8 +24,7 @@ from benchmarks import BENCHMARKS, by_id, media_folder
 from chat import (DEFAULT_MODEL, ArgumentParser, add_media_args, add_model_args, check_args, human_message,
                   load_model_from_args, prompt_ids, run_command)
 from checkpoint import checkpoint_dir, is_hub_id
-from media import load_image, load_video, preprocess_frames, preprocess_images
-from model import Media
+from media import image_media, video_media
 
 # ----------------------------------------------------------------------------------------------------------
 # the model and its inputs
@@ -59,14 +58,13 @@ def zero_context(model):
 
 
 def load_media(question, folder, model, fps, max_frames):
-    """The pixels a question's video or image gives the model: (T, 3, S, S), or None for a text question."""
+    """A question's image or video as the model takes it (model.Media), or None for a text question."""
     if "video" in question:
-        frames, _ = load_video(Path(folder) / question["video"], fps=fps, max_frames=max_frames)
-        return preprocess_frames(frames, model.image_size)
+        return video_media(Path(folder) / question["video"], model.image_size, fps, max_frames)
     if "image" in question:
         # a question may opt out of padding: ScienceQA's original script runs the bare image processor
-        pad = model.hf_config.get("image_aspect_ratio") == "pad" and question.get("pad", True)
-        return preprocess_images([load_image(Path(folder) / question["image"])], model.image_size, pad_to_square=pad)
+        return image_media(Path(folder) / question["image"], model.image_size,
+                           model.pads_images and question.get("pad", True))
     return None
 
 
@@ -134,7 +132,7 @@ def answer_questions(model, tokenizer, questions, answers_path, folder, mid, bat
     question's id as its file spells it, repeats included, so the original's scorers read the file too."""
     placed, _, _ = match_answers(questions, read_answers(answers_path, mid), key)
     todo = [i for i, r in enumerate(placed) if r is None]
-    dev, dtype = model.llm.output.weight.device, model.llm.output.weight.dtype
+    dev = model.llm.tok_embeddings.weight.device
     Path(answers_path).parent.mkdir(parents=True, exist_ok=True)
     with open(answers_path, "a", encoding="utf-8") as f, tqdm(total=len(questions), initial=len(questions) - len(todo),
                                                               desc=f"answering ({Path(answers_path).name})",
@@ -143,9 +141,7 @@ def answer_questions(model, tokenizer, questions, answers_path, folder, mid, bat
             batch = [questions[i] for i in todo[start:start + batch_size]]
             ids, media = [], []
             for q in batch:
-                pixels = load_media(q, folder, model, fps, max_frames)
-                media.append(None if pixels is None else
-                             Media("video" if "video" in q else "image", pixels=pixels.to(dev, dtype)))
+                media.append(load_media(q, folder, model, fps, max_frames))
                 ids.append(torch.tensor(prompt_ids(tokenizer, [("USER", human_message(q["question"], media[-1]))]),
                                         device=dev))
             guides = [[q.get("guide", q["question"])] for q in batch]  # MMBench's: without the letter suffix

@@ -307,12 +307,12 @@ def test_sqa_images_not_padded(tmp_path):
     """load_media honours a question's pad=False even for a model whose config pads (image_aspect_ratio)."""
     from media import preprocess_images
     Image.fromarray(np.arange(40 * 20 * 3, dtype=np.uint8).reshape(20, 40, 3)).save(tmp_path / "wide.png")
-    model = SimpleNamespace(hf_config={"image_aspect_ratio": "pad"}, image_size=28)
+    model = SimpleNamespace(pads_images=True, image_size=28)  # image_aspect_ratio "pad" in its config
     image = Image.open(tmp_path / "wide.png").convert("RGB")
     unpadded = E.load_media({"image": "wide.png", "pad": False}, tmp_path, model, 1.0, None)
     padded = E.load_media({"image": "wide.png"}, tmp_path, model, 1.0, None)
-    assert np.array_equal(unpadded.numpy(), preprocess_images([image], 28, pad_to_square=False).numpy())
-    assert np.array_equal(padded.numpy(), preprocess_images([image], 28, pad_to_square=True).numpy())
+    assert np.array_equal(unpadded.pixels.numpy(), preprocess_images([image], 28, pad_to_square=False).numpy())
+    assert np.array_equal(padded.pixels.numpy(), preprocess_images([image], 28, pad_to_square=True).numpy())
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -850,8 +850,8 @@ def synthetic_video(path, seconds, fps, size):
 
 @torch.no_grad()
 def section_10():
-    from data import iter_video
-    from model import LlamaVID
+    from media import iter_video
+    from model import LlamaVID, LlamaVIDConfig
     from sample import extract_features
     H, W = S["video_size"]
     seconds, fps = S["video_seconds"], S["video_fps"]
@@ -865,8 +865,8 @@ def section_10():
     llm = build_llm(MOVIE_ROPE).fuse()
     vision = build(EVAViT, S["eva"]())
     visual = build_visual()
-    model = LlamaVID(llm, vision, visual, {"mm_hidden_size": visual.cfg.vision_width,
-                                           "image_processor": f"clip-patch14-{vision.cfg.img_size}"})
+    model = LlamaVID(llm, vision, visual, LlamaVIDConfig(llm=llm.cfg, mm_hidden_size=visual.cfg.vision_width,
+                                                         image_size=vision.cfg.img_size))
     question = "What is the main story of this movie?"
     # warm-up: the decoder library, EVA's and the Q-Former's kernels, cuBLAS heuristics, a short prefill
     warm, _ = extract_features(model, iter_video(path, fps=fps, max_frames=64), batch_size=64,

@@ -227,13 +227,14 @@ def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, 
     return loaded
 
 
-def find_vision_weights(model_dir: Path, hf: dict, vision_path=None, download: bool = False) -> Path:
-    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order; with download, fetched
-    once into vision.eva_cache_path() when found nowhere (never when HF_HUB_OFFLINE is set)."""
+def find_vision_weights(model_dir: Path, vision_tower: str = "", vision_path=None, download: bool = False) -> Path:
+    """The EVA weights a checkpoint directory does not hold, looked for in a fixed order (vision_tower: config.json's
+    mm_vision_tower); with download, fetched once into eva_cache_path() when found nowhere (never when
+    HF_HUB_OFFLINE is set)."""
     candidates = [Path(vision_path)] if vision_path else []
     candidates += [model_dir / "eva_vit_g.pth", model_dir.parent / "eva_vit_g.pth"]
-    if hf.get("mm_vision_tower"):
-        candidates.append(Path(hf["mm_vision_tower"]))  # relative to the working directory, as the original
+    if vision_tower:
+        candidates.append(Path(vision_tower))  # relative to the working directory, as the original
     candidates.append(eva_cache_path())
     for c in candidates:
         if c.is_file():

@@ -12,9 +12,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from media import (LONG_VIDEO_SUFFIXES, content_hash, image_media, import_feature_pkl, iter_video,  # noqa: F401
-                   load_image, load_subtitles, load_video, movie_message, movie_prompt, movie_video_input,
-                   preprocess_frames, preprocess_images, read_feature_cache, resize_frames, write_video)
+from media import (LONG_VIDEO_SUFFIXES, image_media, load_video, preprocess_frames, read_feature_cache,
+                   resize_frames)
 from model import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX, Media
 
 # ----------------------------------------------------------------------------------------------------

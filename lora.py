@@ -10,9 +10,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from checkpoint import (LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, find_bert_vocab, find_vision_weights,
-                        hf_to_ours, ours_to_hf, read_config)
+from checkpoint import LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, hf_to_ours, ours_to_hf, read_config
+from model import LlamaVIDConfig, load_llamavid
+from quantize import quantize_linear
 
 # A LoRA layer adds a low-rank path beside a frozen projection:  y = base(x) + scaling * B(A(dropout(x)))
 # with A (r, in) random (kaiming-uniform, as nn.Linear and peft initialise it), B (out, r) zero, so training starts
@@ -264,7 +266,6 @@ def quantize_base(model, mode: str, groupsize: int = 128, backend: str = "dequan
         raise ValueError("quantize_base: the model has no LoRA layers; call apply_lora first")
     if mode not in ("bf16", "int8", "int4"):
         raise ValueError(f"lora base quantisation {mode!r} is not 'bf16', 'int8' or 'int4'")
-    from quantize import quantize_linear
     for layer in layers.values():
         if layer.merged:
             raise ValueError("quantize_base: unmerge the adapters first (a merged base holds the update)")
@@ -323,7 +324,6 @@ def save_adapters(model, out_dir, cfg: LoRAConfig, state: Optional[dict] = None,
     """Write adapter_config.json + adapter_model.safetensors (peft's layout: PeftModel.from_pretrained and the
     original load them) and, with non_lora, non_lora_trainables.bin of whatever else trains.
     state: a gathered full state dict (FSDP) instead of model.state_dict()."""
-    from safetensors.torch import save_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in peft_state_dict(model, state).items()}
@@ -394,7 +394,6 @@ def _pattern_value(patterns: dict, module: str, default):
 def _read_state(file: Path) -> dict:
     try:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(file))
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
@@ -587,34 +586,19 @@ def load_lora_model(lora_dir, model_base, vision_path=None, bert_path=None, dtyp
     Vicuna / LLaMA directory, or a LLaMA-VID checkpoint such as the stage-1 output), the token generator from
     model_base overlaid with lora_dir's non_lora_trainables.bin, then the adapters (merged by default, like the
     original's builder; merge=False keeps LoRALinear layers). Merged, it can be quantised afterwards."""
-    from model import LlamaVID, load_llm_and_rest
-    from tokens import VisualTokenizer
-    from vision import EVAViT, image_size_from_config
     lora_dir, model_base = Path(lora_dir), Path(model_base)
     read_adapter_config(lora_dir)  # fail early on a directory that is not a LoRA run
-    hf = read_config(lora_dir) if (lora_dir / "config.json").is_file() else read_config(model_base)
+    config_dir = lora_dir if (lora_dir / "config.json").is_file() else model_base
+    hf = read_config(config_dir)
     if "mm_hidden_size" not in hf:
         raise ValueError(f"{lora_dir}/config.json has no 'mm_hidden_size': not a LLaMA-VID LoRA run (its "
                          "config.json is written beside the adapters)")
-    llm, side = load_llm_and_rest(model_base, hf, dtype, device)
-    non_lora = {}
-    if (lora_dir / NON_LORA_FILE).is_file():
-        non_lora = read_non_lora_trainables(lora_dir / NON_LORA_FILE)
-    tokens = {**side["tokens"], **{k: v for k, v in non_lora.items() if k.startswith(TOKEN_PREFIXES)}}
-    if not tokens:
-        raise ValueError(f"neither {model_base} nor {lora_dir / NON_LORA_FILE} holds the token generator "
-                         "(model.vlm_att_* / model.mm_projector.*): give a LLaMA-VID checkpoint as the base")
-    vocab = find_bert_vocab(lora_dir if (lora_dir / "vocab.txt").is_file() else model_base, bert_path, download)
-    try:
-        visual = VisualTokenizer.from_llamavid(tokens, hf, bert_path=vocab, num_heads=hf.get("qformer_num_heads"))
-    except ValueError as e:
-        raise ValueError(f"token generator from {model_base} + {lora_dir / NON_LORA_FILE}: {e}") from None
-    visual = visual.to(device=device, dtype=dtype)
-    vision = None
-    if load_vision:
-        source = side["vision"] or find_vision_weights(model_base, hf, vision_path, download)
-        vision = EVAViT.from_lavis(source, img_size=image_size_from_config(hf), dtype=dtype, device=device)
-    model = LlamaVID(llm, vision, visual, hf)
+    config = LlamaVIDConfig.from_hf(hf, source=config_dir / "config.json")
+    non_lora = read_non_lora_trainables(lora_dir / NON_LORA_FILE) if (lora_dir / NON_LORA_FILE).is_file() else {}
+    if bert_path is None and (lora_dir / "vocab.txt").is_file():
+        bert_path = lora_dir / "vocab.txt"
+    model = load_llamavid(model_base, config, {k: v for k, v in non_lora.items() if k.startswith(TOKEN_PREFIXES)},
+                          vision_path, bert_path, dtype, device, load_vision, download)
     load_adapters(model, lora_dir, merge=merge, non_lora=False)
     load_non_lora_trainables(model, {k: v for k, v in non_lora.items() if not k.startswith(TOKEN_PREFIXES)})
     return model.eval()

@@ -1,6 +1,7 @@
 """The LLaMA-2 / Vicuna decoder written out in plain PyTorch, the LlamaVID model that splices visual tokens
 into its prompt, checkpoint loading from the original HF directories, and generation."""
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -9,9 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import (TOKEN_PREFIXES, VISION_PREFIX, check_config, checkpoint_dir, find_bert_vocab,
-                        find_vision_weights, hf_to_ours, is_hub_id, iter_tensors, checkpoint_files, load_weights,
-                        ours_to_hf, read_config)
+                        find_vision_weights, hf_to_ours, is_hub_id, load_weights, read_config)
 from generate import generate
+from tokens import TokenConfig, VisualTokenizer
+from vision import EVAConfig, EVAViT
 
 try:  # optional: flash-attn's kernels when installed; SDPA (which has flash kernels of its own) otherwise
     from flash_attn import flash_attn_func
@@ -65,6 +67,13 @@ class LLaMAConfig:
                    rope_theta=hf.get("rope_theta") or rope.get("rope_theta", 10000.0), rope_scaling=scaling,
                    max_seq_len=hf.get("max_position_embeddings", 4096))
 
+    def to_hf(self) -> dict:
+        """The config.json fields of a transformers LlamaConfig."""
+        return {"vocab_size": self.vocab_size, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+                "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len}
+
     @classmethod
     def tiny(cls, **kw) -> "LLaMAConfig":
         return cls(**{**dict(vocab_size=600, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=172), **kw})
@@ -72,6 +81,86 @@ class LLaMAConfig:
 
 VICUNA_7B = LLaMAConfig()
 VICUNA_13B = LLaMAConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, hidden_dim=13824)
+
+
+def image_size_from_config(cfg: dict) -> int:
+    """The preprocessing size S of a LLaMA-VID config.json: the number ending its `image_processor`
+    ("./llamavid/processor/clip-patch14-336" -> 336). Absent, the original falls back to OpenAI
+    clip-vit-large-patch14, which is 224."""
+    name = cfg.get("image_processor")
+    if name is None:
+        return 224
+    m = re.search(r"-(\d+)$", str(name).rstrip("/"))
+    if not m:
+        raise ValueError(f"cannot tell the image size from image_processor '{name}' in config.json: "
+                         f"it should end in -224 or -336")
+    return int(m.group(1))
+
+
+# what the original's training writes into every config.json besides the shapes (a model built here gets them)
+ORIGINAL_CONFIG = {
+    "architectures": ["LlavaLlamaAttForCausalLM"], "model_type": "llava", "bos_token_id": 1, "eos_token_id": 2,
+    "pad_token_id": 0, "hidden_act": "silu", "tie_word_embeddings": False, "use_cache": True,
+    "mm_vision_select_layer": -2, "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
+    "freeze_mm_mlp_adapter": False, "tune_mm_mlp_adapter": False,
+}
+
+
+@dataclass
+class LlamaVIDConfig:
+    """The composite model's settings: what the original's config.json says, read by name. The LLM's shapes are
+    here; EVA's and the Q-Former's come with their weights, since no config.json gives them. Every other field of
+    the file is kept in `extra` and written back as it was."""
+    llm: LLaMAConfig = field(default_factory=LLaMAConfig)
+    mm_hidden_size: int = 1408                # EVA's width: the visual features'
+    image_size: int = 224                     # preprocessing size (image_processor ".../clip-patch14-224")
+    patch_size: int = 14                      # EVA-g/14, as every released model
+    image_aspect_ratio: str = "pad"           # "pad": images go on a square of the mean colour first
+    video_token: int = 2                      # placeholders a frame in the long-video prompt
+    compress_type: Optional[str] = "mean"     # content tokens: "mean", "grid:g" or None (every patch)
+    bert_type: str = "qformer_pretrain"
+    num_query: int = 32
+    select_feature: str = "patch"             # mm_vision_select_feature
+    projector_type: str = "mlp2x_gelu"        # mm_projector_type
+    qformer_num_heads: Optional[int] = None   # no original config.json has it (bert-base-uncased's config does)
+    vision_tower: str = "./model_zoo/LAVIS/eva_vit_g.pth"  # mm_vision_tower, relative to the working directory
+    max_length: Optional[int] = None          # model_max_length of training
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_hf(cls, hf: dict, source="config.json") -> "LlamaVIDConfig":
+        check_config(hf, source)
+        if hf.get("mm_hidden_size") is None:
+            raise ValueError(f"{source} has no 'mm_hidden_size': this is not a LLaMA-VID checkpoint")
+        d = cls()
+        return cls(llm=LLaMAConfig.from_hf(hf, source), mm_hidden_size=hf["mm_hidden_size"],
+                   image_size=image_size_from_config(hf),
+                   image_aspect_ratio=hf.get("image_aspect_ratio", d.image_aspect_ratio),
+                   video_token=hf.get("video_token", d.video_token), compress_type=hf.get("compress_type"),
+                   bert_type=hf.get("bert_type", d.bert_type), num_query=hf.get("num_query", d.num_query),
+                   select_feature=hf.get("mm_vision_select_feature", d.select_feature),
+                   projector_type=hf.get("mm_projector_type", d.projector_type),
+                   qformer_num_heads=hf.get("qformer_num_heads"), vision_tower=hf.get("mm_vision_tower", ""),
+                   max_length=hf.get("model_max_length"), extra=dict(hf))
+
+    def to_hf(self) -> dict:
+        """config.json as the original writes it: the fields read above with their current values, every other
+        field as it was read (a model built here gets the original's constant fields)."""
+        out = {**ORIGINAL_CONFIG, **self.extra, **self.llm.to_hf()}
+        out.update(mm_hidden_size=self.mm_hidden_size, image_aspect_ratio=self.image_aspect_ratio,
+                   video_token=self.video_token, compress_type=self.compress_type, bert_type=self.bert_type,
+                   num_query=self.num_query, mm_vision_select_feature=self.select_feature,
+                   mm_projector_type=self.projector_type, mm_vision_tower=self.vision_tower)
+        if "image_processor" not in out or image_size_from_config(out) != self.image_size:
+            out["image_processor"] = f"./llamavid/processor/clip-patch14-{self.image_size}"
+        for key, value in (("qformer_num_heads", self.qformer_num_heads), ("model_max_length", self.max_length)):
+            if value is not None:
+                out[key] = value
+        return out
 
 # ----------------------------------------------------------------------------------------------------------
 # building blocks
@@ -381,16 +470,29 @@ class Media:
 
 
 class LlamaVID(nn.Module):
-    def __init__(self, llm: LLaMA, vision, visual, hf_config: dict):
+    def __init__(self, llm: LLaMA, vision: Optional[EVAViT], visual: VisualTokenizer, config: LlamaVIDConfig):
         super().__init__()
         self.llm = llm          # LLaMA
-        self.vision = vision    # vision.EVAViT, or None when only precomputed features are used
-        self.visual = visual    # tokens.VisualTokenizer: Q-Former, context token, content tokens, projectors
-        self.hf_config = hf_config  # config.json as loaded; saved back unchanged beside new weights
-        from vision import image_size_from_config
-        self.image_size = image_size_from_config(hf_config)
-        self.video_token = int(hf_config.get("video_token", 2))  # placeholders per frame in the movie prompt
-        self.mm_hidden_size = int(hf_config["mm_hidden_size"])
+        self.vision = vision    # EVA, or None when only precomputed features are used
+        self.visual = visual    # the token generator: Q-Former, context token, content tokens, projectors
+        self.config = config
+
+    @property
+    def hf_config(self) -> dict:
+        """config.json of this model, in the original's form."""
+        return self.config.to_hf()
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def video_token(self) -> int:
+        return self.config.video_token
+
+    @property
+    def mm_hidden_size(self) -> int:
+        return self.config.mm_hidden_size
 
     @property
     def is_long_video(self) -> bool:
@@ -400,12 +502,11 @@ class LlamaVID(nn.Module):
     @property
     def pads_images(self) -> bool:
         """Images go on a square canvas of the mean colour before preprocessing (image_aspect_ratio "pad")."""
-        return self.hf_config.get("image_aspect_ratio") == "pad"
+        return self.config.image_aspect_ratio == "pad"
 
     @property
     def n_patches(self) -> int:
-        patch = self.vision.cfg.patch_size if self.vision is not None else 14
-        return (self.image_size // patch) ** 2
+        return self.config.n_patches
 
     def frame_tokens(self, kind: str = "video") -> int:
         """LLM tokens one frame becomes: a context token and the content tokens, or in a movie video_token (one
@@ -541,51 +642,52 @@ class LlamaVID(nn.Module):
     def from_pretrained(cls, model_dir, vision_path=None, bert_path=None, dtype=torch.float32, device="cpu",
                         load_vision: bool = True, download: Optional[bool] = None) -> "LlamaVID":
         """Load an original LLaMA-VID checkpoint directory, or a released one by its Hugging Face Hub id
-        ("YanweiLi/llama-vid-7b-full-224-video-fps-1", see checkpoint_dir); every released variant is told apart
-        by config.json.
+        ("YanweiLi/llama-vid-7b-full-224-video-fps-1"); every released variant is told apart by config.json.
 
         Vision weights come from the directory when it holds them (the long-video model), else from the first
         of: vision_path, eva_vit_g.pth in the directory, eva_vit_g.pth beside it, config.json's mm_vision_tower,
         the download cache (checkpoint.eva_cache_path). download: fetch the EVA weights and bert-base-uncased's
         vocab.txt when they are found nowhere locally (default: when model_dir is a Hub id).
         """
-        from tokens import VisualTokenizer
-        from vision import EVAViT
         if download is None:
             download = is_hub_id(model_dir)
         model_dir = checkpoint_dir(model_dir)
-        hf = read_config(model_dir)
-        for key in ("mm_hidden_size", "hidden_size", "vocab_size"):
-            if key not in hf:
-                raise ValueError(f"{model_dir}/config.json has no {key!r}: this is not a LLaMA-VID checkpoint")
-        tokenizer_file = model_dir / "tokenizer.model"
-        if not tokenizer_file.exists():
-            raise FileNotFoundError(f"{tokenizer_file} is missing: a LLaMA-VID checkpoint directory needs the "
-                                    "SentencePiece tokenizer.model it was trained with")
-        vocab = find_bert_vocab(model_dir, bert_path, download=download)
-        llm, side = load_llm_and_rest(model_dir, hf, dtype, device)
-        if not side["tokens"]:
-            raise ValueError(f"{model_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
-                             "LLaMA checkpoint, not LLaMA-VID")
-        # no original checkpoint stores the Q-Former's head count; ours write it as qformer_num_heads
-        visual = VisualTokenizer.from_llamavid(side["tokens"], hf, bert_path=vocab,
-                                               num_heads=hf.get("qformer_num_heads")).to(device=device, dtype=dtype)
-        vision = None
-        if load_vision:
-            from vision import image_size_from_config
-            source = side["vision"] or find_vision_weights(model_dir, hf, vision_path, download=download)
-            vision = EVAViT.from_lavis(source, img_size=image_size_from_config(hf), dtype=dtype, device=device)
-            if vision.cfg.width != hf["mm_hidden_size"]:
-                raise ValueError(f"vision weights are {vision.cfg.width} wide but {model_dir}/config.json has "
-                                 f"mm_hidden_size {hf['mm_hidden_size']}: wrong eva_vit_g.pth for this checkpoint")
-        return cls(llm, vision, visual, hf).eval()
+        config = LlamaVIDConfig.from_hf(read_config(model_dir), source=model_dir / "config.json")
+        if not (model_dir / "tokenizer.model").is_file():
+            raise FileNotFoundError(f"{model_dir / 'tokenizer.model'} is missing: a LLaMA-VID checkpoint directory "
+                                    "needs the SentencePiece tokenizer.model it was trained with")
+        return load_llamavid(model_dir, config, vision_path=vision_path, bert_path=bert_path, dtype=dtype,
+                             device=device, load_vision=load_vision, download=download)
 
 
-def load_llm_and_rest(path: Path, hf: dict, dtype, device):
+def load_llamavid(weights_dir: Path, config: LlamaVIDConfig, extra_tokens: Optional[dict] = None, vision_path=None,
+                  bert_path=None, dtype=torch.float32, device="cpu", load_vision=True, download=False) -> LlamaVID:
+    """The one builder of a LlamaVID from weights on disk (from_pretrained, and lora.load_lora_model, whose run
+    brings its own config and token generator weights in extra_tokens). The LLM is built from config and filled
+    shard by shard; the token generator's shapes come from its tensors, EVA's from its weight file."""
+    vocab = find_bert_vocab(weights_dir, bert_path, download=download)
+    llm, side = load_llm_and_rest(weights_dir, config, dtype, device)
+    tokens = {**side["tokens"], **(extra_tokens or {})}
+    if not tokens:
+        raise ValueError(f"{weights_dir} holds no model.vlm_att_* / model.mm_projector.* weights: it is a plain "
+                         "LLaMA checkpoint, not LLaMA-VID")
+    visual = VisualTokenizer.from_llamavid(tokens, config.to_hf(), bert_path=vocab, num_heads=config.qformer_num_heads)
+    visual = visual.to(device=device, dtype=dtype)
+    vision = None
+    if load_vision:
+        source = side["vision"] or find_vision_weights(weights_dir, config.vision_tower, vision_path, download=download)
+        vision = EVAViT.from_lavis(source, img_size=config.image_size, dtype=dtype, device=device)
+        if vision.cfg.width != config.mm_hidden_size:
+            raise ValueError(f"vision weights are {vision.cfg.width} wide but {weights_dir}/config.json has "
+                             f"mm_hidden_size {config.mm_hidden_size}: wrong eva_vit_g.pth for this checkpoint")
+    return LlamaVID(llm, vision, visual, config).eval()
+
+
+def load_llm_and_rest(path: Path, config: LlamaVIDConfig, dtype, device):
     """The LLM of a checkpoint directory, loaded shard by shard, and the rest of its tensors set aside by owner:
     side["vision"] (model.vision_tower.vision_tower.*) and side["tokens"] (model.vlm_att_*, model.mm_projector.*)."""
     with torch.device("meta"):
-        llm = LLaMA(LLaMAConfig.from_hf(hf, source=Path(path) / "config.json"))
+        llm = LLaMA(config.llm)
     side = {"vision": {}, "tokens": {}}
 
     def rename(key):

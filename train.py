@@ -118,7 +118,7 @@ def set_trainable(model, stage):
 
 def build_model(cfg, device, vocab=None):
     """The model a stage starts from, with float32 master weights."""
-    from model import LLaMA, LlamaVID, LLaMAConfig, read_config
+    from model import LLaMA, LlamaVID, LlamaVIDConfig, LLaMAConfig
     from tokens import QFormerConfig, TokenConfig, VisualTokenizer, WordPiece, bert_num_heads
     from vision import EVAConfig, EVAViT
     if cfg["init_from"] == "scratch" or (cfg["stage"] == 1 and not cfg["init_from"]):
@@ -130,13 +130,6 @@ def build_model(cfg, device, vocab=None):
                 torch.nn.init.normal_(llm.tok_embeddings.weight, std=0.02)
                 vision = EVAViT(EVAConfig(**(cfg["vision_config"] or {}))).requires_grad_(False)
                 llm.inv_freq = llm._inv_freq(device)
-            hf = {"vocab_size": llm.cfg.vocab_size, "hidden_size": llm.cfg.dim,
-                  "num_hidden_layers": llm.cfg.n_layers, "num_attention_heads": llm.cfg.n_heads,
-                  "num_key_value_heads": llm.cfg.n_kv_heads, "intermediate_size": llm.cfg.hidden_dim,
-                  "rms_norm_eps": llm.cfg.norm_eps, "max_position_embeddings": llm.cfg.max_seq_len,
-                  "rope_theta": llm.cfg.rope_theta, "model_type": "llava", "architectures": ["LlavaLlamaAttForCausalLM"],
-                  "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": False,
-                  "hidden_act": "silu", "torch_dtype": "float32"}
             tok = dict(cfg["token_config"] or {})
             qcfg = dict(tok.pop("qformer", {}))
             qcfg.setdefault("vocab_size", len(WordPiece(vocab)))  # the given vocabulary, "[DEC]" included
@@ -147,36 +140,32 @@ def build_model(cfg, device, vocab=None):
             with torch.device(device):
                 visual = VisualTokenizer(tcfg)
         else:
-            hf = read_config(Path(cfg["llm_path"]))
             llm = LLaMA.from_pretrained(cfg["llm_path"])
             vision = EVAViT.from_lavis(cfg["vision_path"], img_size=cfg["image_size"])
             tcfg = TokenConfig(llm_dim=llm.cfg.dim, vision_width=vision.cfg.width,
                                compress_type=cfg["compress_type"], bert_type=cfg["bert_type"])
             visual = VisualTokenizer.from_instructblip(cfg["qformer_path"], tcfg)
         visual.set_wordpiece(vocab)
-        hf.update({"mm_hidden_size": vision.cfg.width, "mm_projector_type": "mlp2x_gelu",
-                   "mm_vision_tower": cfg["vision_path"] or "./model_zoo/LAVIS/eva_vit_g.pth",
-                   "image_processor": f"./llamavid/processor/clip-patch14-{cfg['image_size']}",
-                   "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
-                   "mm_use_im_start_end": False, "mm_use_im_patch_token": False, "use_mm_proj": True,
-                   "bert_type": cfg["bert_type"], "num_query": visual.cfg.num_query,
-                   "compress_type": cfg["compress_type"], "max_token": cfg["max_len"],
-                   "model_max_length": cfg["max_len"], "video_token": cfg["video_token"],
-                   "qformer_num_heads": visual.cfg.qformer.num_heads})
-        model = LlamaVID(llm, vision, visual, hf)
+        config = LlamaVIDConfig(
+            llm=llm.cfg, mm_hidden_size=vision.cfg.width, image_size=cfg["image_size"],
+            patch_size=vision.cfg.patch_size, video_token=cfg["video_token"], compress_type=cfg["compress_type"],
+            bert_type=cfg["bert_type"], num_query=visual.cfg.num_query, projector_type=visual.cfg.projector_type,
+            qformer_num_heads=visual.cfg.qformer.num_heads, max_length=cfg["max_len"],
+            vision_tower=cfg["vision_path"] or LlamaVIDConfig.vision_tower,
+            extra={"max_token": cfg["max_len"], "torch_dtype": "float32"})
+        model = LlamaVID(llm, vision, visual, config)
     else:
         if not cfg["init_from"]:
             raise ValueError(f"stage {cfg['stage']} starts from a checkpoint: set init_from")
         model = LlamaVID.from_pretrained(cfg["init_from"], vision_path=cfg["vision_path"] or None,
                                          bert_path=cfg["bert_path"] or None)
-        model.hf_config["qformer_num_heads"] = model.visual.cfg.qformer.num_heads
+        model.config.qformer_num_heads = model.visual.cfg.qformer.num_heads
         if cfg["stage"] == 3:  # stretch RoPE linearly so max_len fits (the original's rule)
             old = (model.llm.cfg.rope_scaling or {}).get("factor", 1.0)
             factor = float(math.ceil(cfg["max_len"] / (model.llm.cfg.max_seq_len * old)))
             if factor > 1:
                 model.llm.cfg.rope_scaling = {"type": "linear", "factor": factor * old}
-                model.hf_config["rope_scaling"] = model.llm.cfg.rope_scaling
-            model.hf_config.update(model_max_length=cfg["max_len"], video_token=cfg["video_token"])
+            model.config.max_length, model.config.video_token = cfg["max_len"], cfg["video_token"]
     return model.float().to(device)
 
 
@@ -213,7 +202,7 @@ def full_state_dict(model, distributed):
 
 def to_original_keys(state, model):
     """Our parameter names -> the original checkpoint's (what the original code and sample.py load)."""
-    from model import VISION_PREFIX, ours_to_hf
+    from checkpoint import VISION_PREFIX, ours_to_hf
     out = {}
     for k, v in state.items():
         if k.startswith("llm."):
@@ -464,7 +453,7 @@ def step_flops(model, tokens, seq_len):
 
 def main(argv, return_model=False):
     from data import LLaVADataset, Tokenizer, collate, length_grouped_order
-    from model import find_bert_vocab
+    from checkpoint import find_bert_vocab
     cfg_ns = {k: v for k, v in globals().items() if not k.startswith("_") and
               isinstance(v, (int, float, bool, str, tuple, type(None), dict))}
     cfg_ns.update(llm_config=None, vision_config=None, token_config=None)  # shapes of a scratch model

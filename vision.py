@@ -1,19 +1,16 @@
-"""EVA-ViT-g/14, the frozen vision tower of LLaMA-VID (BLIP-2's penultimate-layer EVA), written from scratch,
-with the CLIP image/frame preprocessing of the original and loading of LAVIS `eva_vit_g.pth` weights."""
+"""EVA-ViT-g/14, the frozen vision tower of LLaMA-VID (BLIP-2's penultimate-layer EVA), written from scratch, and
+its loading from LAVIS `eva_vit_g.pth` weights. (The CLIP preprocessing of its input lives in media.py.)"""
 
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from checkpoint import load_pickle
-from media import CLIP_MEAN, CLIP_STD, expand_to_square, preprocess_frames, preprocess_images, resize_frames  # noqa: F401
 
 HEAD_DIM = 88  # EVA-g's head width; LAVIS builds num_heads = width // 88
 LONG_PREFIX = "model.vision_tower.vision_tower."  # where the released long-video checkpoint keeps the tower
@@ -198,17 +195,3 @@ def resize_pos_embed(pos_embed, grid):
     patches = pos_embed[:, 1:].float().reshape(1, old, old, C).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat((pos_embed[:, :1].float(), patches.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
-
-
-def image_size_from_config(cfg: dict) -> int:
-    """The preprocessing size S of a LLaMA-VID config.json: the number ending its `image_processor`
-    ("./llamavid/processor/clip-patch14-336" -> 336). Absent, the original falls back to OpenAI
-    clip-vit-large-patch14, which is 224."""
-    name = cfg.get("image_processor")
-    if name is None:
-        return 224
-    m = re.search(r"-(\d+)$", str(name).rstrip("/"))
-    if not m:
-        raise ValueError(f"cannot tell the image size from image_processor '{name}' in config.json: "
-                         f"it should end in -224 or -336")
-    return int(m.group(1))

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 import train
-from model import LlamaVID, checkpoint_files, iter_tensors
+from checkpoint import checkpoint_files, iter_tensors
+from model import LlamaVID
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 400_000  # a few shards for the tiny model (transformers' default of 10GB gives one)

@@ -272,7 +272,7 @@ def test_sample_command_by_hub_id(served, fixtures, monkeypatch, tmp_path):
     import subprocess
     import sys
     import numpy as np
-    from data import write_video
+    from media import write_video
     use_hub(monkeypatch, tmp_path, served.url)
     frames = np.zeros((4, 48, 48, 3), np.uint8)
     frames[:, 10:30, 10:30] = (200, 40, 40)

@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import case_names, fixtures_path, load_case
 from data import Tokenizer, preprocess, tokenize_with_images
 from model import LlamaVID, Media
-from vision import preprocess_frames, preprocess_images
+from media import preprocess_frames, preprocess_images
 
 CASES = case_names(fixtures_path()) if (fixtures_path() / "MANIFEST.json").exists() else []
 _models = {}

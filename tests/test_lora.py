@@ -297,7 +297,7 @@ def test_lora_run_loads_as_llamavid(fixtures, tmp_path):
     non_lora_trainables.bin. With peft's zero B the model is the fixture's (the original's logits); with random B
     the merged LLM equals peft's merge_and_unload."""
     from conftest import load_case
-    from vision import preprocess_frames
+    from media import preprocess_frames
     meta, case = load_case(fixtures, "video_single")
     ckpt = fixtures / meta["checkpoint"]
     hf = json.loads((ckpt / "config.json").read_text())
@@ -348,7 +348,7 @@ def test_llamavid_lora_run_saves_in_the_original_layout(fixtures, tmp_path):
     """A stage-2 LoRA run of ours (LLM adapters + the token generator training): its non_lora_trainables.bin has the
     original checkpoint's names under LLaVA's prefix, and the run reloads merged with the logits it had unmerged."""
     from conftest import load_case
-    from vision import preprocess_frames
+    from media import preprocess_frames
     meta, case = load_case(fixtures, "video_single")
     ckpt = fixtures / meta["checkpoint"]
     model = LlamaVID.from_pretrained(ckpt)

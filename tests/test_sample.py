@@ -18,10 +18,10 @@ from conftest import cut_after_index
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import (IMAGE_TOKEN, Tokenizer, build_prompt, load_image, load_subtitles, load_video,  # noqa: E402
-                  movie_prompt, tokenize_with_images, write_video)
-from model import LlamaVID, Media  # noqa: E402
-from vision import preprocess_frames, preprocess_images  # noqa: E402
+from data import Tokenizer, build_prompt, tokenize_with_images  # noqa: E402
+from media import (load_image, load_subtitles, load_video, movie_prompt, preprocess_frames,  # noqa: E402
+                   preprocess_images, write_video)
+from model import IMAGE_TOKEN, LlamaVID, Media  # noqa: E402
 
 QUESTION = "What is moving in the video?"
 NEW = 8

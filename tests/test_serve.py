@@ -25,7 +25,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import write_video  # noqa: E402
+from media import write_video  # noqa: E402
 
 QUESTION = "What is moving in the video?"
 FOLLOW_UP = "Which way does the red square go?"

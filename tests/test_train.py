@@ -14,8 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from data import LLaVADataset, Tokenizer, collate, import_feature_pkl, length_grouped_order, write_video
-from model import LlamaVID, checkpoint_files, iter_tensors
+from data import LLaVADataset, Tokenizer, collate, length_grouped_order
+from media import import_feature_pkl, write_video
+from checkpoint import checkpoint_files, iter_tensors
+from model import LlamaVID
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from conftest import case_names, fixtures_path, load_case
 from media import CLIP_MEAN, CLIP_STD, preprocess_frames, preprocess_images
-from vision import EVAViT, image_size_from_config
+from model import image_size_from_config
+from vision import EVAViT
 
 LONG_PREFIX = "model.vision_tower.vision_tower."
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from checkpoint import (TOKEN_PREFIXES, VISION_PREFIX, check_config, checkpoint_dir, find_bert_vocab,
                         find_vision_weights, hf_to_ours, is_hub_id, load_weights, read_config)
 from generate import generate
-from tokens import TokenConfig, VisualTokenizer
-from vision import EVAConfig, EVAViT
+from tokens import VisualTokenizer
+from vision import EVAViT
 
 try:  # optional: flash-attn's kernels when installed; SDPA (which has flash kernels of its own) otherwise
     from flash_attn import flash_attn_func
@@ -423,6 +423,36 @@ class LLaMA(nn.Module):
         load_weights(model, path, lambda key: hf_to_ours(key), dtype=dtype, device=device)
         model.inv_freq = model._inv_freq(device)
         return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# model FLOPs, for MFU: the one definition train.py and bench.py report against
+
+# dense bf16 peaks (no sparsity), matched against torch.cuda.get_device_name() in this order
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 125e12), ("4090", 165e12)]
+
+
+def peak_flops(device) -> Optional[float]:
+    """The GPU's dense bf16 peak, or None (a CPU, or a GPU not in PEAK_BF16)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p for key, p in PEAK_BF16 if key in name), None)
+
+
+def training_flops(llm: LLaMA, tokens: int, seq_len: int) -> float:
+    """Model FLOPs of a training step over `tokens` LLM positions in sequences of seq_len. Per position: 2N
+    forward over the N matmul weights (the output head counted, the embedding lookup not); 2N backward for the
+    activations' gradients, which the loss sends through every layer whether it trains or not; 2 more per trained
+    weight; attention 4 L T d forward (QK^T and AV, the causal half not subtracted), times 3 with its backward.
+    EVA, the Q-Former and gradient checkpointing's recomputation are not counted."""
+    c = llm.cfg
+    n = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * c.n_kv_heads * c.head_dim + 3 * c.dim * c.hidden_dim)
+    n += c.dim * c.vocab_size
+    trained = sum(p.numel() for name, p in llm.named_parameters() if p.requires_grad and "tok_embeddings" not in name)
+    return tokens * (4 * n + 2 * trained + 12 * c.n_layers * seq_len * c.dim)
 
 
 # ----------------------------------------------------------------------------------------------------------

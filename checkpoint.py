@@ -1,13 +1,14 @@
 """Checkpoints in the original's layout: the one reader of weight files (safetensors, and pickles read with
-weights_only), config.json, the HF LLaMA key names, the one report of missing / unexpected / misshaped keys, and
-where the files a checkpoint lacks are found: local places first, then the Hugging Face Hub and the LAVIS
-download."""
+weights_only), config.json, the HF LLaMA key names, the one report of missing / unexpected / misshaped keys,
+where the files a checkpoint lacks are found (local places first, then the Hugging Face Hub and the LAVIS
+download), and the writer of train.py's checkpoints: whole at any kill, resumed without running code."""
 import http.client
 import json
 import math
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 VISION_PREFIX = "model.vision_tower.vision_tower."
 TOKEN_PREFIXES = ("model.vlm_att_", "model.mm_projector.")
+WEIGHTS_INDEX = "pytorch_model.bin.index.json"
 # LAVIS publishes the weights outside the Hugging Face Hub; the variables let a mirror (or a test) stand in
 EVA_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 EVA_URL_ENV, CACHE_ENV = "LLAMAVID_EVA_URL", "LLAMAVID_CACHE"
@@ -115,7 +117,7 @@ def read_config(path: Path) -> dict:
 def checkpoint_files(path: Path) -> list:
     """The weight files of an HF checkpoint directory, in load order; every file the index names must exist."""
     path = Path(path)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for index_name in ("model.safetensors.index.json", WEIGHTS_INDEX):
         index = path / index_name
         if index.exists():
             try:
@@ -185,6 +187,35 @@ def iter_tensors(file: Path) -> Iterator:
     yield from state.items()
 
 
+def read_tensors(file) -> dict:
+    """Every tensor of one weight file (the one reader: safetensors, or a pickle read with weights_only)."""
+    return dict(iter_tensors(Path(file)))
+
+
+def report_mismatch(what, missing=(), unexpected=(), wrong_shape=()):
+    """The one report of weights that do not fit a model: a one-line ValueError naming `what` (a file, a
+    checkpoint) and, ten at most of each, the keys missing, the keys the model has no place for, and the keys whose
+    shapes differ ("key: checkpoint (a, b) vs model (c, d)"). Nothing to report, nothing raised."""
+    parts = []
+    if wrong_shape:
+        parts.append("wrong shape: " + "; ".join(list(wrong_shape)[:10]))
+    if missing:
+        parts.append(f"missing ({len(missing)}): " + ", ".join(list(missing)[:10]))
+    if unexpected:
+        parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(list(unexpected)[:10]))
+    if parts:
+        raise ValueError(f"{what} does not match the model: " + " | ".join(parts))
+
+
+def check_state(what, state: dict, expected: dict, name=lambda key: key):
+    """Compare a state dict with a model's (expected: key -> tensor or shape) and report_mismatch() what differs;
+    name(key) gives the name a user knows a key by (the checkpoint's, where ours differ)."""
+    shape = lambda t: tuple(t.shape) if hasattr(t, "shape") else tuple(t)  # noqa: E731
+    report_mismatch(what, [name(k) for k in expected if k not in state], [name(k) for k in state if k not in expected],
+                    [f"{name(k)}: checkpoint {shape(v)} vs model {shape(expected[k])}" for k, v in state.items()
+                     if k in expected and shape(v) != shape(expected[k])])
+
+
 def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, device="cpu",
                  files=None, strict_missing: bool = True, side: Optional[dict] = None) -> set:
     """Fill a model built on the meta device from a checkpoint directory, one weight file at a time.
@@ -215,15 +246,7 @@ def load_weights(model: nn.Module, path, rename: Callable, dtype=torch.float32, 
                 params[name].copy_(tensor.to(dtype) if tensor.is_floating_point() else tensor)
             loaded.add(name)
     missing = [n for n in params if n not in loaded] if strict_missing else []
-    if unexpected or missing or bad_shape:
-        parts = []
-        if bad_shape:
-            parts.append("wrong shape: " + "; ".join(bad_shape[:10]))
-        if missing:
-            parts.append(f"missing ({len(missing)}): " + ", ".join(missing[:10]))
-        if unexpected:
-            parts.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected[:10]))
-        raise ValueError(f"checkpoint {path} does not match the model config.json describes: " + " | ".join(parts))
+    report_mismatch(f"checkpoint {path} (with the shapes its config.json gives)", missing, unexpected, bad_shape)
     return loaded
 
 

@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from checkpoint import LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, hf_to_ours, ours_to_hf, read_config
+from checkpoint import (LLAMA_KEYS, TOKEN_PREFIXES, VISION_PREFIX, _UNMAPPED, check_state, hf_to_ours, ours_to_hf,
+                        read_config, read_tensors, report_mismatch)
 from model import LlamaVIDConfig, load_llamavid
 from quantize import quantize_linear
 
@@ -391,19 +392,6 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _read_state(file: Path) -> dict:
-    try:
-        if file.suffix == ".safetensors":
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise ValueError(f"cannot read {file}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{file} does not hold a state dict (found {type(state).__name__})")
-    return state
-
-
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -418,7 +406,7 @@ def read_peft_adapters(lora_dir) -> tuple:
     targets = peft_cfg.get("target_modules")
     r0, alpha0, rslora = int(peft_cfg["r"]), float(peft_cfg["lora_alpha"]), bool(peft_cfg.get("use_rslora"))
     pairs, full = {}, {}
-    for key, tensor in _read_state(file).items():
+    for key, tensor in read_tensors(file).items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if "lora_embedding_" in name or "lora_magnitude_vector" in name:
             raise ValueError(f"{file}: {key!r} is an embedding LoRA / DoRA weight, which is not supported here")
@@ -526,7 +514,7 @@ def read_non_lora_trainables(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    state = _read_state(path)
+    state = read_tensors(path)
     return {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v for k, v in state.items()}
 
 
@@ -549,16 +537,13 @@ def load_non_lora_trainables(model, path_or_state) -> dict:
         for ours in own:
             visual_names[next(iter(visual.llamavid_state_dict({ours: own[ours]})))] = ours
         own_visual = own
+    targets, unexpected = {}, []
     for key, tensor in state.items():
         if key.startswith(TOKEN_PREFIXES):
-            if visual is None:
-                continue  # the caller builds the token generator from the returned dict
-            if key.endswith("embeddings.position_ids"):
-                continue  # a stored arange, rebuilt on the fly
+            if visual is None or key.endswith("embeddings.position_ids"):
+                continue  # for the caller to build the token generator from; a stored arange, rebuilt on the fly
             ours = visual_names.get(key)
-            if ours is None:
-                raise ValueError(f"{name}: {key!r} has no place in this model's token generator")
-            target = own_visual[ours]
+            target = own_visual[ours] if ours is not None else None
         elif key.startswith(VISION_PREFIX):
             raise ValueError(f"{name}: {key!r} is a vision tower weight; the vision tower never trains here")
         else:
@@ -567,13 +552,16 @@ def load_non_lora_trainables(model, path_or_state) -> dict:
                 continue
             if ours is not _UNMAPPED and ours not in llm_params:  # a projection inside a LoRALinear
                 ours = ours.replace(".weight", ".base.weight")
-            if ours is _UNMAPPED or ours not in llm_params:
-                raise ValueError(f"{name}: {key!r} is no weight of LLaMA-VID's LLM or token generator")
-            target = llm_params[ours]
-        if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"{name}: {key!r} has shape {tuple(tensor.shape)}, the model's is "
-                             f"{tuple(target.shape)}: a run of another model size")
-        target.copy_(tensor)
+            target = llm_params.get(ours) if ours is not _UNMAPPED else None
+        if target is None:
+            unexpected.append(key)
+        else:
+            targets[key] = target
+    check_state(f"{name} (LLaMA-VID's LLM and token generator; a run of another model size?)",
+                {k: state[k] for k in targets}, targets)
+    report_mismatch(name, unexpected=unexpected)
+    for key, target in targets.items():
+        target.copy_(state[key])
     return state
 
 

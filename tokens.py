@@ -12,6 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from checkpoint import check_state, read_tensors
+
 # -----------------------------------------------------------------------------
 # WordPiece tokenizer (bert-base-uncased rules, as transformers 4.31's slow BertTokenizer applies them)
 
@@ -540,26 +542,20 @@ class VisualTokenizer(nn.Module):
     def load_state_dict_from_llamavid(self, state_dict):
         """Load model.vlm_att_* and model.mm_projector.* from a LLaMA-VID state dict (other keys are
         ignored). A key we cannot place, a missing key or a wrong shape raises ValueError naming it."""
-        sd = _strip_llamavid(state_dict)
-        own = self.state_dict()
         new = {}
-        for k, v in sd.items():
+        for k, v in _strip_llamavid(state_dict).items():
             if k == "vlm_att_encoder.bert.embeddings.position_ids":
                 continue  # a stored arange, rebuilt on the fly
             if k.startswith("vlm_att_encoder.bert."):
                 ours = _qformer_key(k[len("vlm_att_encoder.bert."):])
-                ours = None if ours is None else "qformer." + ours
+                new["qformer." + ours if ours else "unplaced." + k] = v
             else:
-                ours = k
-            if ours is None or ours not in own:
-                raise ValueError(f"unexpected key 'model.{k}' in the LLaMA-VID state dict: this token generator "
-                                 f"has no place for it (bert_type {self.cfg.bert_type!r})")
-            if tuple(v.shape) != tuple(own[ours].shape):
-                raise ValueError(f"'model.{k}' has shape {tuple(v.shape)}, this token generator expects "
-                                 f"{tuple(own[ours].shape)}: build it with TokenConfig.from_llamavid(state_dict)")
-            new[ours] = v
-        self._load_complete(new, own, lambda k: "model.vlm_att_encoder.bert." + _qformer_key(k[8:], to_ours=False)
-                            if k.startswith("qformer.") else "model." + k)
+                new[k] = v
+        self._load_checked(f"the token generator's weights (bert_type {self.cfg.bert_type!r}; build it with "
+                           "TokenConfig.from_llamavid(state_dict))", new, self.state_dict(),
+                           lambda k: "model." + (k[len("unplaced."):] if k.startswith("unplaced.") else
+                                                 "vlm_att_encoder.bert." + _qformer_key(k[8:], to_ours=False)
+                                                 if k.startswith("qformer.") else k))
 
     def set_dropout(self, p: float):
         """The Q-Former's dropout probability (hidden states and attention)."""
@@ -581,11 +577,10 @@ class VisualTokenizer(nn.Module):
                 out["model." + k] = v
         return out
 
-    def _load_complete(self, new, own, name):
-        missing = [k for k in own if k not in new]
-        if missing:
-            raise ValueError(f"state dict has no {name(missing[0])!r} ({len(missing)} entries missing in all): "
-                             "a checkpoint of another model or cut short")
+    def _load_checked(self, what, new, own, name):
+        """Copy new (our names) into own after checking both hold the same keys and shapes (name: a key as the
+        checkpoint calls it, for the report)."""
+        check_state(what, new, own, name)
         with torch.no_grad():
             for k, v in new.items():
                 own[k].copy_(v)
@@ -614,41 +609,32 @@ class VisualTokenizer(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"InstructBLIP checkpoint {path} not found (instruct_blip_vicuna7b_trimmed.pth "
                                         "from LAVIS)")
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = read_tensors(path)
         sd = sd.get("model", sd)
         if self.vlm_att_ln is None:
             raise ValueError(f"bert_type {self.cfg.bert_type!r} has no vlm_att_ln: InstructBLIP init needs a "
                              "'qformer_pretrain*' type")
-        own = self.state_dict()
         new = {}
         for k, v in sd.items():
             if k.startswith("Qformer.cls.") or k == "Qformer.bert.embeddings.position_ids":
                 continue  # the LM head is dropped (mm_model.cls = None); position ids are an arange
             if k.startswith("Qformer."):
                 ours = _qformer_key(k[len("Qformer.bert."):]) if k.startswith("Qformer.bert.") else None
-                ours = None if ours is None else "qformer." + ours
+                new["qformer." + ours if ours else "unplaced." + k] = v
             elif k.startswith("ln_vision."):
-                ours = "vlm_att_ln." + k[len("ln_vision."):]
+                new["vlm_att_ln." + k[len("ln_vision."):]] = v
             elif k == "query_tokens":
-                ours = "vlm_att_query"
-            else:
-                continue
-            if ours is None or ours not in own:
-                raise ValueError(f"unexpected key {k!r} in the InstructBLIP checkpoint: the Q-Former has no place "
-                                 "for it")
-            if tuple(v.shape) != tuple(own[ours].shape):
-                raise ValueError(f"{k!r} has shape {tuple(v.shape)}, this token generator expects "
-                                 f"{tuple(own[ours].shape)}: its QFormerConfig does not match the checkpoint")
-            new[ours] = v
+                new["vlm_att_query"] = v
         if not new:
             first = next(iter(sd), None)
             raise ValueError(f"no Qformer.bert.* / ln_vision / query_tokens entries (first key {first!r}): "
                              "not an InstructBLIP checkpoint")
         trainable = ("vlm_att_projector.", "vlm_att_key_projector.", "vlm_att_val_projector.", "mm_projector.")
-        own = {k: v for k, v in own.items() if not k.startswith(trainable)}
-        self._load_complete(new, own, lambda k: "Qformer.bert." + _qformer_key(k[8:], to_ours=False)
-                            if k.startswith("qformer.") else {"vlm_att_query": "query_tokens"}.get(
-                                k, k.replace("vlm_att_ln.", "ln_vision.")))
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(trainable)}
+        self._load_checked("the InstructBLIP checkpoint (its QFormerConfig must match)", new, own,
+                           lambda k: k[len("unplaced."):] if k.startswith("unplaced.") else
+                           "Qformer.bert." + _qformer_key(k[8:], to_ours=False) if k.startswith("qformer.")
+                           else {"vlm_att_query": "query_tokens"}.get(k, k.replace("vlm_att_ln.", "ln_vision.")))
         return self
 
     @classmethod

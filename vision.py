@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_pickle
+from checkpoint import check_state, read_tensors
 
 HEAD_DIM = 88  # EVA-g's head width; LAVIS builds num_heads = width // 88
 LONG_PREFIX = "model.vision_tower.vision_tower."  # where the released long-video checkpoint keeps the tower
@@ -125,18 +125,7 @@ class EVAViT(nn.Module):
             path = Path(sd)
             if not path.is_file():
                 raise FileNotFoundError(f"EVA-ViT weights not found: {path} (give the path of LAVIS eva_vit_g.pth)")
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                try:
-                    sd = load_file(str(path))
-                except Exception as e:
-                    raise ValueError(f"cannot read weight file {path}: {type(e).__name__}: "
-                                     f"{(str(e).splitlines() or [''])[0][:200]}; the file is truncated or not a "
-                                     "checkpoint, download it again") from None
-            else:
-                sd = load_pickle(path)  # no code runs; a damaged or unsafe file is a one-line ValueError
-            if not isinstance(sd, dict):
-                raise ValueError(f"{path} does not hold a state dict")
+            sd = read_tensors(path)  # no code runs; a damaged or unsafe file is a one-line ValueError
         if any(k.startswith(LONG_PREFIX) for k in sd):
             sd = {k[len(LONG_PREFIX):]: v for k, v in sd.items() if k.startswith(LONG_PREFIX)}
             drop_last = False
@@ -160,24 +149,14 @@ class EVAViT(nn.Module):
         if drop_last:  # the last stored block is not part of the model (BLIP-2 takes the penultimate layer)
             sd = {k: v for k, v in sd.items() if not k.startswith(f"blocks.{n_stored - 1}.")}
 
+        shape = sd["pos_embed"].shape  # the stored grid may differ from img_size's (it is resized): any square
+        n = shape[1] - 1 if len(shape) == 3 else -1
+        if len(shape) != 3 or shape[0] != 1 or shape[2] != width or n < 1 or math.isqrt(n) ** 2 != n:
+            raise ValueError(f"EVA-ViT state dict: 'pos_embed' has shape {tuple(shape)}, expected (1, 1 + g*g, {width})")
         with torch.device("meta"):
             model = cls(cfg)
-        expected = model.state_dict()
-        for key in sd:
-            if key not in expected:
-                raise ValueError(f"EVA-ViT state dict: unexpected key '{key}'")
-        for key, ref in expected.items():
-            if key not in sd:
-                raise ValueError(f"EVA-ViT state dict: key '{key}' is missing")
-            want = tuple(ref.shape)
-            if key == "pos_embed":  # the stored grid may differ from img_size's (it is resized): any square
-                shape = tuple(sd[key].shape)
-                n = shape[1] - 1 if len(shape) == 3 else -1
-                if len(shape) != 3 or shape[0] != 1 or shape[2] != width or n < 1 or math.isqrt(n) ** 2 != n:
-                    raise ValueError(f"EVA-ViT state dict: 'pos_embed' has shape {shape}, "
-                                     f"expected (1, 1 + g*g, {width})")
-            elif tuple(sd[key].shape) != want:
-                raise ValueError(f"EVA-ViT state dict: key '{key}' has shape {tuple(sd[key].shape)}, expected {want}")
+        expected = {k: v.shape for k, v in model.state_dict().items() if k != "pos_embed"}
+        check_state("EVA-ViT state dict", {k: v for k, v in sd.items() if k != "pos_embed"}, expected)
 
         sd["pos_embed"] = resize_pos_embed(sd["pos_embed"].float(), cfg.grid)
         sd = {k: v.to(device=device, dtype=dtype).contiguous() for k, v in sd.items()}

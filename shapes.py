@@ -161,8 +161,8 @@ def write_shapes_clip(path, seed, frames=16, size=64, fps=2):
 
 
 # training question mix, plus "describe" (answer: the caption, every event in order). Binding a colour to a shape is
-# what the time-order answers build on, and the slowest skill to learn: colour and change are weighted up (with them
-# at 1, colour stayed near 60 %); count is learned first
+# what the time-order answers build on, and the slowest skill to learn: colour and change are weighted up; count is
+# learned first (docs/LOG.md)
 TRAIN_TYPE_WEIGHTS = {"after": 2, "before": 2, "order": 2, "colour": 2, "change": 2, "count": 1, "describe": 1}
 
 

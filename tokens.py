@@ -1,5 +1,5 @@
 """LLaMA-VID's token generator: the Q-Former with its WordPiece tokenizer, the context token, content pooling
-and the projectors that turn one image or video frame into 1 + n LLM tokens (SPEC.md steps 3 and 4)."""
+and the projectors that turn one image or video frame into 1 + n LLM tokens (the original's token_generation)."""
 import json
 import math
 import re
@@ -208,8 +208,7 @@ class TokenConfig:
     select_feature: str = "patch"  # "patch": the cls token is dropped from the content/context values
     projector_type: str = "mlp2x_gelu"  # mm_projector: "linear" or "mlp{N}x_gelu"
     # frames per Q-Former call in long-video mode. Rows are independent, so this only trades memory for speed: the
-    # original's 64 leaves an hour of frames (57 blocks of small kernels) launch-bound; 512 frames of EVA-g
-    # features are 0.37 GB a block in bf16, with ~2 GB of activations beside them
+    # original's 64 leaves an hour of frames (57 blocks of small kernels) launch-bound
     long_video_block: int = 512
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
 

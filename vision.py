@@ -23,7 +23,7 @@ class EVAConfig:
     width: int = 1408
     depth: int = 39  # blocks that RUN: LAVIS stores 40, BLIP-2 / LLaMA-VID use the penultimate block's output
     heads: int = 16
-    mlp_hidden: int = 6144  # int(1408 * 4.3637) = int(6144.09); SPEC.md says 6143, which is off by one
+    mlp_hidden: int = 6144  # int(1408 * 4.3637) = int(6144.09), as LAVIS computes it
     eps: float = 1e-6
 
     @classmethod

@@ -250,8 +250,8 @@ class LLaVADataset(torch.utils.data.Dataset):
 
     def fill_cache(self, workers=2):
         """Decode every video of the set into the cache now, `workers` files at a time, instead of one by one
-        during the first epoch: there each decode waits on the training threads (on 2 CPU cores, ~12 ms a clip
-        of the quick start against ~5 ms here). A file that fails is left out; its samples warn when drawn."""
+        during the first epoch, where each decode would wait on the training threads. A file that fails is left out;
+        its samples warn when drawn."""
         if self.video_cache is None:
             return 0
         files = {self.video_folder / s["video"] for s in self.samples if "video" in s} - set(self.video_cache)
@@ -270,11 +270,13 @@ class LLaVADataset(torch.utils.data.Dataset):
     def encode_cache(self, encode, videos_per_call=64):
         """Replace the cached frames by their features, encode(pixels (N, 3, S, S)) -> (N, 1+P, W), for a vision
         tower that never trains: the same clip then always gives the same features, and a training step skips the
-        tower (~5 % of a quick-start step on a CPU). Samples then carry features as media, which LlamaVID takes in
-        place of pixels. Returns the number of videos encoded."""
+        tower. Samples then carry features as media, which LlamaVID takes in place of pixels. Returns the number of
+        videos encoded."""
         if self.video_cache is None:
             return 0
-        files = [f for f, v in self.video_cache.items() if isinstance(v, np.ndarray)]
+        # in a fixed order: fill_cache fills the cache in whatever order its threads finish, and a batch of other
+        # clips gives other float roundings
+        files = sorted(f for f, v in self.video_cache.items() if isinstance(v, np.ndarray))
         for i in range(0, len(files), videos_per_call):
             chunk = files[i:i + videos_per_call]
             pixels = torch.cat([preprocess_frames(self.video_cache[f], self.image_size) for f in chunk])

@@ -1,6 +1,5 @@
 """Speed of LLaMA-VID's parts on a GPU at the real shapes (Vicuna-7B, EVA-g, BERT-base Q-Former), random bf16 weights.
 `python bench.py` prints a markdown table last; --out FILE writes it as JSON too; --tiny --device cpu: a smoke test."""
-import argparse
 import copy
 import dataclasses
 import gc
@@ -12,21 +11,21 @@ import time
 import traceback
 from functools import partial
 
+import av
 import numpy as np
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chat import ArgumentParser
 from generate import PREFILL_CHUNK, generate
-from model import LLaMA, LLaMAConfig, RMSNorm
+from lora import LoRAConfig, apply_lora, quantize_base
+from media import encode_frames, iter_video
+from model import Block, LLaMA, LLaMAConfig, LlamaVID, LlamaVIDConfig, RMSNorm, peak_flops, training_flops
 from quantize import Int4Linear, quantize_linear, quantize_model
 from tokens import TokenConfig, VisualTokenizer, _projector
 from vision import EVAConfig, EVAViT
 
-# bf16 dense tensor-core peaks (no sparsity), by a piece of torch.cuda.get_device_name(); first match wins
-PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-             ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12)]
 MOVIE_ROPE = {"type": "linear", "factor": 16.0}  # the long-video checkpoint's 4096 x 16 = 65,536 context
 
 # the shapes of each run; --tiny scales everything down so the CPU path runs in seconds
@@ -155,21 +154,15 @@ def table():
 
 def header():
     dev = torch.cuda.get_device_name() if is_cuda() else "cpu"
+    peak = peak_flops(ARGS.device)
     return dict(device=dev, torch=torch.__version__, mode="tiny" if ARGS.tiny else "real shapes", dtype="bf16",
-                peak_bf16_tflops=(peak_flops() or 0) / 1e12 or None, elapsed_s=round(time.perf_counter() - T_START, 1))
+                peak_bf16_tflops=peak / 1e12 if peak else None, elapsed_s=round(time.perf_counter() - T_START, 1))
 
 
 def save():
     if ARGS.out:
         with open(ARGS.out, "w") as f:
             json.dump(dict(**header(), rows=ROWS, footnotes=FOOTNOTES, table=table()), f, indent=1)
-
-
-def peak_flops():
-    if not is_cuda():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((p for key, p in PEAK_BF16 if key in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,12 +220,6 @@ def vocab_file():
 
 def build_visual():
     return build(VisualTokenizer, S["tok"]()).set_wordpiece(vocab_file())
-
-
-def llm_matmul_params(cfg):
-    """Weights of the LLM's matmuls (the embedding lookup is not one; the output head is)."""
-    per_layer = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.n_kv_heads * cfg.head_dim + 3 * cfg.dim * cfg.hidden_dim
-    return cfg.n_layers * per_layer + cfg.dim * cfg.vocab_size
 
 
 def weight_gib(model):
@@ -431,8 +418,8 @@ def section_3():
         cleanup()
         reset_peak()
         m.value = t = timeit(lambda: generate(llm, emb, 1, eos_id=None), 1)
-        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of {PREFILL_CHUNK:,} tokens (causal, bottom-right aligned, flash); KV cache "
-                  f"{cache_len(T + 1):,} slots")
+        m.note = (f"{T / t:,.0f} prompt tok/s; chunks of {PREFILL_CHUNK:,} tokens (causal, bottom-right aligned, "
+                  f"flash); KV cache {cache_len(T + 1):,} slots")
     with measure(3, f"peak GPU memory, {T:,}-token prefill", "GiB") as m:
         m.value = peak_gib()
         kv = 2 * llm.cfg.n_layers * cache_len(T + 1) * llm.cfg.dim * 2 / 2**30
@@ -575,7 +562,10 @@ def section_4():
 # 5. EVA-g: ours (eager and compiled) vs timm's Eva, same shapes
 
 def timm_eva(cfg):
-    from timm.models.eva import Eva
+    try:
+        from timm.models.eva import Eva  # optional: only this section's reference needs it
+    except ImportError:
+        raise RuntimeError("the reference EVA is timm's: pip install timm") from None
     with torch.device(ARGS.device):
         model = Eva(img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, embed_dim=cfg.width,
                     depth=cfg.depth, num_heads=cfg.heads, qkv_bias=True, mlp_ratio=(cfg.mlp_hidden + 0.5) / cfg.width,
@@ -644,18 +634,13 @@ def section_6():
 # ----------------------------------------------------------------------------------------------------------
 # 7. training steps: stage 1 (LLM frozen, projector trained) at 7B, stage 2 (all trained) at a depth that fits
 
-def train_flops(cfg, n_tokens, n_layers, frozen_llm, n_proj=0, n_vis=0):
-    """Model FLOPs of one step (recompute of gradient checkpointing not counted; attention counted without the causal
-    saving, PaLM's convention). N = matmul weights of the LLM (embedding lookup excluded, head included), T tokens,
-    L layers, d width. Forward: 2 N T + 4 L T^2 d (QK^T and AV). Backward with weight grads: 4 N T + 8 L T^2 d;
-    frozen weights still need the activations' grads (the projector sits below the LLM): 2 N T + 8 L T^2 d.
-    A trained projector adds 6 N_proj T_vis."""
-    N = llm_matmul_params(dataclasses.replace(cfg, n_layers=n_layers))
-    T, d = n_tokens, cfg.dim
-    attn_fwd = 4 * n_layers * T * T * d
-    if frozen_llm:
-        return (2 * N * T + attn_fwd) + (2 * N * T + 2 * attn_fwd) + 6 * n_proj * n_vis
-    return 6 * N * T + 3 * attn_fwd
+def step_flops(llm, proj, sequences):
+    """Model FLOPs of a training step over `sequences` of train_len tokens, the MFU footnote's definition: the LLM's
+    by model.training_flops (train.py's, which counts the weights that require grad as trained: set them before
+    calling) plus 6 a weight per visual token for the projector, which trains in every stage."""
+    T, n_vis = S["train_len"], S["train_vis"]
+    n_proj = sum(p.numel() for p in proj.parameters())
+    return training_flops(llm, sequences * T, T) + 6 * n_proj * sequences * n_vis
 
 
 def train_step_fn(llm, proj, feats, ids, labels, opt, autocast, accum=1):
@@ -685,7 +670,7 @@ def train_inputs(cfg, batch, seed=0):
 
 
 def mfu_note(t, flops, extra=""):
-    peak = peak_flops()
+    peak = peak_flops(ARGS.device)
     return (f"{1e3 * t:.0f} ms/step, " + (f"MFU {100 * flops / t / peak:.1f} %" if peak else "MFU n/a") +
             f" ({flops / t / 1e12:.0f} TFLOP/s model [MFU]){extra}; peak memory "
             + (f"{peak_gib():.1f} GiB" if is_cuda() else "n/a"))
@@ -695,25 +680,23 @@ def section_7():
     cfg = S["llm"]()
     T, n_vis = S["train_len"], S["train_vis"]
     W = S["tok"]().vision_width
-    peak = peak_flops()
+    peak = peak_flops(ARGS.device)
     FOOTNOTES["MFU"] = (
-        "MFU = model FLOPs / step time / the GPU's bf16 dense peak (" +
+        "MFU = model FLOPs / step time / the GPU's dense bf16 peak (model.peak_flops: " +
         (f"{peak / 1e12:.0f} TFLOP/s for {torch.cuda.get_device_name()}" if peak else "unknown here") + "). "
-        "Model FLOPs per sequence of T tokens, N = the LLM's matmul weights (embedding excluded, head included), "
-        "L layers, d width, attention counted without the causal saving (PaLM's convention; the causal half would "
-        "take ~4 % off stage 2's count): stage 1 (LLM frozen) = forward 2NT + 4LT^2d + backward to the inputs only "
-        "2NT + 8LT^2d + projector 6 N_proj T_vis; stage 2 (all trained) = 6NT + 12LT^2d + projector, times the "
-        "sequences of a step. Gradient-checkpoint recompute is not counted (it is hardware, not model, work); the "
-        "optimizer step's time is in the step time.")
+        "Model FLOPs = model.training_flops, the definition train.py reports against (forward over the LLM's matmul "
+        "weights, the gradients of the activations through every layer, those of the weights that train: none in "
+        "stage 1, all in stage 2; attention without the causal saving; no gradient-checkpoint recompute), plus 6 a "
+        "weight per visual token for the trained projector (bench.step_flops). The optimizer step's time is in the "
+        "step time.")
     reps = max(3, S["reps"] + 2)
 
     with measure(7, f"stage 1 step: Vicuna-7B frozen + mlp2x_gelu projector trained, 1 x {T:,} tokens "
                     f"({n_vis} visual), bf16, grad. checkpointing", "tok/s") as m:
-        llm = build_llm()
+        llm = build_llm()  # requires_grad off: training_flops counts no weight gradients for it
         llm.gradient_checkpointing = True
         llm.train()  # checkpointing is active in train mode; the LLM has no dropout
         proj = _projector("mlp2x_gelu", W, cfg.dim).to(device=ARGS.device, dtype=torch.bfloat16)
-        n_proj = sum(p.numel() for p in proj.parameters())
         opt = torch.optim.AdamW(proj.parameters(), lr=1e-3, fused=is_cuda())
         feats, ids, labels = train_inputs(cfg, 1)
         step = train_step_fn(llm, proj, feats.to(torch.bfloat16), ids, labels, opt, autocast=False)
@@ -721,7 +704,7 @@ def section_7():
         reset_peak()
         t = timeit(step, reps)
         m.value = T / t
-        m.note = mfu_note(t, train_flops(cfg, T, cfg.n_layers, True, n_proj, n_vis))
+        m.note = mfu_note(t, step_flops(llm, proj, 1))
     llm = proj = opt = step = None
     cleanup()
 
@@ -731,7 +714,8 @@ def section_7():
     # as fit, without gradient checkpointing (the activations of a micro-batch are kept: ~0.5 GB a layer per
     # 2,048-token sequence, plus the bf16 weight copies autocast keeps for the backward pass)
     B, accum = S["train_batch"], S["train_accum"]
-    layer_params = llm_matmul_params(dataclasses.replace(cfg, n_layers=1)) - cfg.dim * cfg.vocab_size
+    with torch.device("meta"):
+        layer_params = sum(p.numel() for p in Block(cfg).parameters())
     per_layer = 18 * layer_params + B * T / 2048 * 0.55 * 2**30 * (cfg.dim / 4096)
     fixed = 16 * 2 * cfg.dim * cfg.vocab_size + 4 * 4 * B * T * cfg.vocab_size  # embedding + head, fp32 logits
     if is_cuda():
@@ -767,11 +751,10 @@ def section_7():
                     raise RuntimeError(f"out of memory at {depth} layers; retrying with {depth // 2}")
                 raise
             m.value = B * accum * T / t
-            n_proj = sum(p.numel() for p in proj.parameters())
-            flops = B * accum * (train_flops(cfg, T, depth, False) + 6 * n_proj * n_vis)
             n_params = sum(p.numel() for p in params)
             RESULTS["stage2_tps"] = m.value
-            m.note = mfu_note(t, flops, f"; {n_params / 1e9:.2f} B params; depth chosen to fit")
+            m.note = mfu_note(t, step_flops(llm, proj, B * accum), f"; {n_params / 1e9:.2f} B params; depth chosen "
+                              "to fit")
         llm = proj = opt = step = params = None
         cleanup()
         if not oom:
@@ -783,9 +766,8 @@ def section_7():
 # 9. LoRA fine-tuning with int4 base weights (QLoRA-style) at Vicuna-7B shapes: does it fit a 24 GB card?
 
 def section_9():
-    from lora import LoRAConfig, apply_lora, quantize_base
     cfg = S["llm"]()
-    T, n_vis, W = S["train_len"], S["train_vis"], S["tok"]().vision_width
+    T, W = S["train_len"], S["tok"]().vision_width
     lcfg = LoRAConfig()
     label = (f"LoRA step (r {lcfg.r}, alpha {lcfg.alpha:g}, dropout {lcfg.dropout}, all 7 projections) on Vicuna-7B "
              f"with int4 base weights (group 128) + projector, 1 x {T:,} tokens, grad. checkpointing, bf16 autocast, "
@@ -826,7 +808,6 @@ def section_9():
 def synthetic_video(path, seconds, fps, size):
     """An H.264 file (libx264, preset veryfast, yuv420p) of `seconds` at `fps`: a random texture that pans plus a
     patch of fresh noise that moves, so each frame has motion and new detail for the codec (not a still)."""
-    import av
     H, W = size
     rng = np.random.default_rng(0)
     texture = np.kron(rng.integers(16, 236, (H // 8 + 1, W // 8 + 1), dtype=np.uint8), np.ones((8, 8), np.uint8))
@@ -850,9 +831,6 @@ def synthetic_video(path, seconds, fps, size):
 
 @torch.no_grad()
 def section_10():
-    from media import iter_video
-    from model import LlamaVID, LlamaVIDConfig
-    from sample import extract_features
     H, W = S["video_size"]
     seconds, fps = S["video_seconds"], S["video_fps"]
     path = os.path.join(tempfile.mkdtemp(), "hour.mp4")
@@ -866,11 +844,12 @@ def section_10():
     vision = build(EVAViT, S["eva"]())
     visual = build_visual()
     model = LlamaVID(llm, vision, visual, LlamaVIDConfig(llm=llm.cfg, mm_hidden_size=visual.cfg.vision_width,
-                                                         image_size=vision.cfg.img_size))
+                                                         image_size=vision.cfg.img_size,
+                                                         patch_size=vision.cfg.patch_size))
     question = "What is the main story of this movie?"
     # warm-up: the decoder library, EVA's and the Q-Former's kernels, cuBLAS heuristics, a short prefill
-    warm, _ = extract_features(model, iter_video(path, fps=fps, max_frames=64), batch_size=64,
-                               keep_on_device=True)
+    warm, _ = encode_frames(model, iter_video(path, fps=fps, max_frames=64), batch_size=64, keep_on_device=True,
+                            progress=False)
     emb = movie_embeds_from(llm, visual(warm[:, 1:], [question], long_video=True), 512)
     generate(llm, emb, 1, eos_id=None)
     del warm, emb
@@ -881,8 +860,8 @@ def section_10():
                      "+ EVA + Q-Former + prefill + first token", "s") as m:
         sync()
         t0 = time.perf_counter()
-        feats, _ = extract_features(model, iter_video(path, fps=fps), batch_size=64, keep_on_device=True,
-                                    stats=stats)
+        feats, _ = encode_frames(model, iter_video(path, fps=fps), batch_size=64, keep_on_device=True,
+                                 stats=stats, progress=False)  # the timings below are the report
         sync()
         times["decode+EVA"] = time.perf_counter() - t0
         tokens = visual(feats[:, 1:], [question], long_video=True)  # the movie model takes the patches, no cls
@@ -894,9 +873,9 @@ def section_10():
         total = m.value = time.perf_counter() - t0
         times["prefill"] = total - times["decode+EVA"] - times["Q-Former"]
         n = feats.shape[0]
-        m.note = (f"{n:,} frames, {emb.shape[1]:,}-token prompt; decode + EVA (overlapped) {times['decode+EVA']:.1f} s, "
-                  f"Q-Former {times['Q-Former']:.2f} s, prefill + first token {times['prefill']:.2f} s; peak "
-                  + (f"{peak_gib():.1f} GiB" if is_cuda() else "n/a"))
+        m.note = (f"{n:,} frames, {emb.shape[1]:,}-token prompt; decode + EVA (overlapped) "
+                  f"{times['decode+EVA']:.1f} s, Q-Former {times['Q-Former']:.2f} s, prefill + first token "
+                  f"{times['prefill']:.2f} s; peak " + (f"{peak_gib():.1f} GiB" if is_cuda() else "n/a"))
     with measure(10, "share of that time spent decoding the video", "%") as m:
         m.value = 100 * need(stats.get("decode_s"), "the video run") / need(total, "the video run")
         rate = n / stats["decode_s"]
@@ -923,7 +902,10 @@ def movie_embeds_from(llm, vis, length):
 
 @torch.no_grad()
 def section_8():
-    import transformers
+    try:
+        import transformers  # optional: only this section's reference needs it
+    except ImportError:
+        raise RuntimeError("the reference decoder is HF transformers': pip install transformers") from None
     transformers.logging.set_verbosity_error()
     c = S["llm"]()
     hf_cfg = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
@@ -966,7 +948,7 @@ SECTIONS = {1: ("decode, short prompt", section_1), 2: ("movie: Q-Former + 11,97
 
 def main():
     global ARGS, S
-    p = argparse.ArgumentParser(description=__doc__)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--only", default="", help="comma-separated sections to run, e.g. 1,4 (default: all)")
     p.add_argument("--out", default="", help="also write the results as JSON here (rewritten after every section)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -980,13 +962,13 @@ def main():
     ARGS.compile = ARGS.compile == "on" or (ARGS.compile == "auto" and ARGS.device.startswith("cuda"))
     S = TINY if ARGS.tiny else REAL
     if ARGS.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device here: run with --device cpu (and --tiny)")
+        p.error("no CUDA device here: run with --device cpu (and --tiny)")
     try:
         only = [int(s) for s in ARGS.only.split(",") if s.strip()] or RUN_ORDER
     except ValueError:
-        raise SystemExit(f"--only takes section numbers 1-10 separated by commas, not {ARGS.only!r}") from None
+        p.error(f"--only takes section numbers 1-10 separated by commas, not {ARGS.only!r}")
     if any(s not in SECTIONS for s in only):
-        raise SystemExit(f"--only: sections are 1-10, got {ARGS.only!r}")
+        p.error(f"--only: sections are 1-10, got {ARGS.only!r}")
 
     torch.set_float32_matmul_precision("high")
     # every section compiles its own model once, at static shapes: no dynamic-shape recompiles, room for all of them

@@ -6,16 +6,20 @@ import gc
 import json
 import math
 import os
+import random
+import shutil
 import tempfile
 import time
 import traceback
 from functools import partial
+from pathlib import Path
 
 import av
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from chat import ArgumentParser
 from generate import PREFILL_CHUNK, generate
@@ -23,6 +27,7 @@ from lora import LoRAConfig, apply_lora, quantize_base
 from media import encode_frames, iter_video
 from model import Block, LLaMA, LLaMAConfig, LlamaVID, LlamaVIDConfig, RMSNorm, peak_flops, training_flops
 from quantize import Int4Linear, quantize_linear, quantize_model
+from shapes import write_tokenizer
 from tokens import TokenConfig, VisualTokenizer, _projector
 from vision import EVAConfig, EVAViT
 
@@ -803,6 +808,53 @@ def section_9():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# training data at the real lengths, for train.py at the real shapes (config/random7b.py): written once
+
+TRAIN_WORDS = ("the a man woman dog car street red blue green walks runs holds looks table window light small large "
+               "people two three scene background left right front behind open closed tree water sky building "
+               "picture video shows describe what where who why how is are there this that with without").split()
+
+
+def write_train_data(out, n_samples=2048, n_images=64, n_videos=32, video_frames=64, seed=0):
+    """A LLaVA-format training set of random images and videos and conversations of the real lengths (an image
+    conversation ~1,500 text tokens over several turns, as LLaVA-665K's long ones; a video one ~300 with 64 frames
+    at 1 fps, as VideoChatGPT's), plus a LLaMA-style tokenizer and a WordPiece vocabulary of bert-base-uncased's
+    size: what train.py needs at the real shapes without a download. Nothing is written when out holds it."""
+    out = Path(out)
+    if (out / "data.json").is_file():
+        return out
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "videos").mkdir(exist_ok=True)
+    noise = np.random.default_rng(seed)
+    for i in range(n_images):
+        Image.fromarray(noise.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(out / "images" / f"{i}.jpg")
+    for i in range(n_videos):
+        synthetic_video(out / "videos" / f"{i}.mp4", video_frames, 1, (240, 320))
+
+    def words(n):
+        return " ".join(rng.choice(TRAIN_WORDS) for _ in range(n))
+
+    samples, text = [], []
+    for k in range(n_samples):
+        video = k % 5 == 4  # a fifth are videos, as the stage-2 mix's VideoChatGPT share
+        turns = 1 if video else rng.randint(4, 8)
+        per_turn = (240 if video else 1400) // turns
+        conv = []
+        for t in range(turns):
+            q, a = words(per_turn // 6), words(per_turn - per_turn // 6)
+            conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q}, {"from": "gpt", "value": a}]
+            text += [q, a]
+        media = {"video": f"videos/{k % n_videos}.mp4"} if video else {"image": f"images/{k % n_images}.jpg"}
+        samples.append({"id": k, **media, "conversations": conv})
+    write_tokenizer(out, text[:4000], vocab_size=8000)
+    shutil.copyfile(vocab_file(), out / "vocab.txt")
+    (out / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768, "num_attention_heads": 12}))
+    (out / "data.json").write_text(json.dumps(samples))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 10. an hour of 720p video, from the .mp4 to the first answer token
 
 def synthetic_video(path, seconds, fps, size):
@@ -958,7 +1010,12 @@ def main():
                    help="sections 2 and 4: only the movie's Q-Former, prefill and memory (no decode-speed rows)")
     p.add_argument("--budget", type=float, default=540.0,
                    help="seconds; sections (and compiles) that would not fit in what is left are skipped")
+    p.add_argument("--train-data", default="", metavar="DIR",
+                   help="write the synthetic training set of config/random7b.py to DIR (once) and exit")
     ARGS = p.parse_args()
+    if ARGS.train_data:
+        print(f"training data in {write_train_data(ARGS.train_data)}")
+        return
     ARGS.compile = ARGS.compile == "on" or (ARGS.compile == "auto" and ARGS.device.startswith("cuda"))
     S = TINY if ARGS.tiny else REAL
     if ARGS.device.startswith("cuda") and not torch.cuda.is_available():

@@ -227,14 +227,14 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                                          "vicuna_v1"))
     for name, items in (("train.json", train), ("captions.json", captions), ("val.json", val)):
         (out / name).write_text(json.dumps(items, indent=1))
-    _write_shapes_tokenizer(out, text, vocab_size)
+    write_tokenizer(out, text, vocab_size)
     _write_shapes_wordpiece(out / "bert", questions, qformer_heads)
     manifest.write_text(json.dumps(args))
     return out
 
 
-def _write_shapes_tokenizer(out, text, vocab_size):
-    """A LLaMA-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no
+def write_tokenizer(out, text, vocab_size):
+    """out/tokenizer.model + tokenizer_config.json: a LLaMA-style SentencePiece model (BPE, byte fallback, digits split, <unk>=0 <s>=1 </s>=2, no
     normalisation) trained on the captions and the conversations as the chat template writes them."""
     model = io.BytesIO()  # (a model_prefix would be stored in the file: the same data would differ by folder)
     spm.SentencePieceTrainer.train(

@@ -432,3 +432,212 @@ def download_eva_weights(dest=None, url=None) -> Path:
         if tmp is not None:  # an error or an interrupt (Ctrl-C): no partial file stays behind
             Path(tmp).unlink(missing_ok=True)
     return dest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing: train.py's checkpoints, in the original's layout
+#
+# out_dir/checkpoint-N/   one whole checkpoint: what transformers 4.31's Trainer writes for these models
+#                         (config.json, pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json, the
+#                         tokenizer, vocab.txt; stage 1 also mm_projector.bin; LoRA: peft's files) and
+#                         train_state.pt (optimizer, RNG, step: tensors and plain data, read with weights_only)
+# out_dir/latest          the name of the newest whole checkpoint: the one a resume takes
+# out_dir/*               that checkpoint's model files, hard-linked: what sample.py, LlamaVID.from_pretrained
+#                         and the original's builder load
+#
+# A checkpoint is written under checkpoint-N.partial, synced to disk, renamed to checkpoint-N, and only then named
+# in `latest` (a rename too): a kill at any moment leaves `latest` naming a whole checkpoint, old or new.
+
+TRAIN_STATE = "train_state.pt"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+LATEST = "latest"
+# what a save puts at the top of out_dir; a file of these names that the new checkpoint lacks is stale
+MODEL_FILES = re.compile(r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json|model.*\.safetensors(\.index\.json)?|"
+                         r"mm_projector\.bin|adapter_model\..*|adapter_config\.json|non_lora_trainables\.bin|"
+                         + re.escape(TRAIN_STATE))
+
+
+def to_original_keys(state: dict, model) -> dict:
+    """A LlamaVID state dict under the original checkpoint's names (what the original code and sample.py load)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("llm."):
+            out[ours_to_hf(k[4:])] = v
+        elif k.startswith("vision."):
+            # frozen: stored as LAVIS does, in float16, unless that would round it (a scratch model's random
+            # EVA): a resumed run must hold the very weights the interrupted one did
+            half = v.to(torch.float16)
+            out[VISION_PREFIX + k[7:]] = half if torch.equal(half.to(v.dtype), v) else v
+    visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
+    out.update(model.visual.llamavid_state_dict(visual))
+    return out
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a size as transformers writes it: "10GB" (10**10), "500MiB" (500 * 2**20)."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
+    if m is None:
+        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes or e.g. '10GB', '500MB', '2GiB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "KMG".index(unit[0]) * base)
+
+
+def shard_weights(weights: dict, max_bytes: int) -> dict:
+    """{file name: tensors} as transformers 4.31 shards a state dict: in order, a new shard whenever the next
+    tensor would take the current one past max_bytes (so a larger tensor gets a shard of its own). Unlike 4.31,
+    one shard is still named -00001-of-00001 with an index: the original finds its weights through the index."""
+    shards, size = [{}], 0
+    for k, v in weights.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    return {f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin": shard for i, shard in enumerate(shards)}
+
+
+def save_weights(weights: dict, folder: Path, max_bytes: int):
+    """pytorch_model-0000k-of-0000n.bin (plain dicts of tensors) and pytorch_model.bin.index.json."""
+    weight_map = {}
+    for name, shard in shard_weights(weights, max_bytes).items():
+        torch.save(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_model_files(folder: Path, model, state: Optional[dict], files: dict, max_shard_size="10GB",
+                      projector_file: bool = False):
+    """The files the original's builder (and ours) loads a model from, written into folder. state: the model's
+    full state dict (None: no weights, as a LoRA run that keeps only its adapters); files: {name: bytes} of the
+    tokenizer and the vocabulary; projector_file: also mm_projector.bin, the trainable parts of stage 1 alone,
+    which the original's stage 2 reads."""
+    if state is not None:
+        weights = {}
+        for k, v in to_original_keys(state, model).items():
+            v = v.contiguous()
+            # a view (a slice of a fused weight) would be written with the whole storage under it
+            weights[k] = v.clone() if v.untyped_storage().nbytes() != v.nbytes else v
+        save_weights(weights, folder, parse_size(max_shard_size))
+        if projector_file:
+            torch.save({k: v for k, v in weights.items() if k.startswith(TOKEN_PREFIXES)}, folder / "mm_projector.bin")
+    hf = dict(model.hf_config)
+    hf.update(torch_dtype="float32", transformers_version="4.31.0")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a directory; the files in it are synced already
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(out_dir, step: int, train_state: dict, write_model: Callable):
+    """Write out_dir/checkpoint-{step} whole (write_model(folder) puts the model files in it; train_state goes to
+    train_state.pt), point out_dir/latest at it, and put its model files at the top of out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoint-{step}"
+    staging, ckpt = out / f"{name}.partial", out / name
+    if staging.exists():  # left by a killed save
+        shutil.rmtree(staging)
+    staging.mkdir()
+    write_model(staging)
+    torch.save(train_state, staging / TRAIN_STATE)
+    for f in staging.iterdir():
+        fsync(f)
+    fsync(staging)
+    if ckpt.exists():  # an earlier run's, which `latest` no longer names (a fresh start unlinks it)
+        shutil.rmtree(ckpt)
+    os.rename(staging, ckpt)
+    fsync(out)
+    pointer = out / f"{LATEST}.tmp"
+    pointer.write_text(name + "\n")
+    fsync(pointer)
+    os.replace(pointer, out / LATEST)  # the switch: from here on a resume takes this checkpoint
+    fsync(out)
+    install(ckpt)
+
+
+def latest_checkpoint(out_dir):
+    """(path, step) of the whole checkpoint out_dir/latest names, or None when there is none."""
+    out = Path(out_dir)
+    pointer = out / LATEST
+    if not pointer.is_file():
+        if (out / TRAIN_STATE).is_file():
+            raise ValueError(f"{out} holds a checkpoint of an earlier train.py layout (train_state.pt beside the "
+                             "weights), which cannot be resumed safely; start afresh with --resume=False or another "
+                             "out_dir")
+        return None
+    name = pointer.read_text().strip()
+    m = re.fullmatch(r"checkpoint-(\d+)", name)
+    if m is None or not (out / name / TRAIN_STATE).is_file():
+        raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint directory in {out}; resume with "
+                         "another out_dir or start afresh with --resume=False")
+    return out / name, int(m.group(1))
+
+
+def read_train_state(path) -> dict:
+    """train_state.pt: tensors and plain data only, so reading it never runs code from the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it would call {culprit.group(1)}" if culprit else "it holds objects"
+        raise ValueError(f"refusing to resume from {path}: {what}, and a train state holds only tensors and plain "
+                         "data; resume from a checkpoint train.py wrote, or start afresh with --resume=False") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"cannot read {path} ({_first_line(e)}): the file is cut short or damaged; start afresh "
+                         "with --resume=False") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            not isinstance(state.get("rng_cpu"), list) or not isinstance(state.get("rng_cuda"), list):
+        raise ValueError(f"{path} is not a train state written by train.py; start afresh with --resume=False")
+    return state
+
+
+def install(ckpt: Path):
+    """Make the whole checkpoint ckpt what the top of its out_dir holds: its model files hard-linked there, the
+    index (or adapter_config.json) removed first and linked last, so that a loader finds the previous model, this
+    one or none, never a mix; then remove every other checkpoint directory."""
+    out = ckpt.parent
+    files = {f.name: f for f in sorted(ckpt.iterdir()) if f.name != TRAIN_STATE}
+
+    def unchanged(name):  # (config.json and the tokenizer stay the same from save to save)
+        src, dst = files[name], out / name
+        return dst.exists() and (os.path.samefile(src, dst) or
+                                 (src.stat().st_size < 1 << 20 and src.read_bytes() == dst.read_bytes()))
+    todo = [n for n in files if not unchanged(n)]
+    stale = [f for f in sorted(out.iterdir()) if f.is_file() and MODEL_FILES.fullmatch(f.name) and f.name not in files]
+    if todo or stale:
+        last = [n for n in (WEIGHTS_INDEX, "adapter_config.json") if n in files]
+        for name in last:
+            if (out / name).exists():
+                os.unlink(out / name)
+        for f in stale:
+            os.unlink(f)
+        for name in [n for n in todo if n not in last] + last:
+            tmp = out / f".{name}.tmp"
+            if tmp.exists():
+                os.unlink(tmp)
+            try:
+                os.link(files[name], tmp)
+            except OSError:  # no hard links on this file system: a copy
+                shutil.copyfile(files[name], tmp)
+                fsync(tmp)
+            os.replace(tmp, out / name)
+        fsync(out)
+    for d in sorted(out.glob("checkpoint-*")):
+        if d.is_dir() and d != ckpt:
+            shutil.rmtree(d)

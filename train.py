@@ -1,103 +1,128 @@
 """One training loop for every LLaMA-VID stage: `python train.py config/stage2.py --key=value` on one process,
 or `torchrun --nproc_per_node=N train.py config/stage2.py` with FSDP2 (also across nodes)."""
 import ast
+import ctypes
+import dataclasses
 import json
 import math
 import os
-import pickle
-import re
-import shutil
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------
-# defaults (the stage-2 video recipe); a config file and --key=value arguments override them
-stage = 2                    # 1 align, 2 instruct, 3 long video: decides what trains (trainable_parts)
-template = "imgsp_v1"        # conversation template: plain_guided (stage 1), imgsp_v1, vicuna_v1
-data_path = ""               # LLaVA-format JSON
-image_folder = ""
-video_folder = ""
-init_from = ""               # a LLaMA-VID checkpoint directory (stages 2, 3, resumed runs); "scratch" = random
-llm_path = ""                # stage 1: the Vicuna directory
-vision_path = ""             # eva_vit_g.pth (stage 1, or when the checkpoint lacks it)
-qformer_path = ""            # stage 1: instruct_blip_vicuna7b_trimmed.pth
-bert_path = ""               # bert-base-uncased vocab.txt (or its folder)
-tokenizer_dir = ""           # where tokenizer.model is, for a scratch model
-image_size = 224
-compress_type = "mean"       # "mean", "grid:g" or None
-bert_type = "qformer_pretrain"
-num_query = 32
-video_fps = 1.0
-max_frames = 0               # 0 = no cap
-video_token = 2
-max_len = 2048
-cache_videos = False         # keep decoded clips in memory after their first read (small synthetic sets only)
-out_dir = "out/run"
-resume = True                # continue from out_dir/train_state.pt when it exists
-stages = ()                  # several stages in one command, e.g. (1, 2) (config/shapes.py): see run_stages
-stage_overrides = {}         # {stage: {key: value}} for run_stages: over the config file, under --key=value
-shapes_dataset = {}          # shapes.make_shapes_dataset arguments: that synthetic data is written first (once)
-# LoRA (the original's lora_enable / bits): adapters on the LLM's projections, base weights frozen
-lora = False
-lora_r = 64
-lora_alpha = 16
-lora_dropout = 0.05
-lora_base_quant = ""         # "", "bf16", "int8" or "int4": how the frozen base weights are held (QLoRA-style)
-lora_save_merged = False     # also write a merged full checkpoint (float bases only)
-# optimisation
-learning_rate = 2e-5
-min_lr = 0.0
-visual_learning_rate = 0.0   # the visual token generator's rate (LLaVA's mm_projector_lr); 0 = learning_rate
-weight_decay = 0.0
-betas = (0.9, 0.999)
-warmup_ratio = 0.03
-lr_schedule = "cosine"       # after the warm-up: "cosine" to min_lr, or "wsd": constant, then a linear cool-down
-cooldown_ratio = 0.2         # (wsd) the share of the steps, at the end, over which the rate falls to min_lr
-epochs = 1
-max_steps = 0                # 0 = run the epochs
-global_batch_size = 128      # kept when the GPU count changes: accumulation absorbs the difference
-micro_batch_size = 4
-grad_clip = 1.0
-dropout = 0.1                # the Q-Former's (BERT's) dropout, active while it is in train mode as in the original
-dtype = "bfloat16"           # compute dtype; master weights, optimizer state and reductions stay float32
-gradient_checkpointing = True
-compile = False              # torch.compile each LLM block (one graph shared by all): fused norms, rope, activations
-group_by_length = True
-seed = 42
-num_workers = 2
-device = "auto"
-# logging and saving
-log_interval = 1
-save_interval = 1000         # steps; a final checkpoint is written too
-save_checkpoints = True      # False: measure only (benchmark runs)
-max_shard_size = "10GB"      # weight shards of at most this much (transformers' save_pretrained default), or bytes
-wandb_log = False
-wandb_project = "llama-vid"
-wandb_run_name = "run"
-# ----------------------------------------------------------------------------------------------------------
+from checkpoint import (LATEST, TOKENIZER_FILES, TRAIN_STATE, find_bert_vocab, install, latest_checkpoint,
+                        read_train_state, write_checkpoint, write_model_files)
+from data import LLaVADataset, Tokenizer, collate, length_grouped_order
+from lora import LoRAConfig, apply_lora, load_adapters, merged_state_dict, quantize_base, save_adapters
+from model import LLaMA, LlamaVID, LlamaVIDConfig, LLaMAConfig, peak_flops, training_flops
+from tokens import QFormerConfig, TokenConfig, VisualTokenizer, WordPiece, bert_num_heads
+from vision import EVAConfig, EVAViT
 
 
-def apply_overrides(argv, namespace):
-    """nanoGPT's configurator: python files are exec'd into the defaults, then --key=value pairs override."""
+@dataclass
+class Config:
+    """Every setting, with its default (the stage-2 video recipe); a config file and --key=value override them."""
+    # what trains, from where
+    stage: int = 2                   # 1 align, 2 instruct, 3 long video: decides what trains (TRAINABLE)
+    template: str = "imgsp_v1"       # conversation template: plain_guided (stage 1), imgsp_v1, vicuna_v1
+    data_path: str = ""              # LLaVA-format JSON
+    image_folder: str = ""
+    video_folder: str = ""
+    init_from: str = ""              # a LLaMA-VID checkpoint directory (stages 2, 3); "scratch" = a random model
+    llm_path: str = ""               # stage 1: the Vicuna directory
+    vision_path: str = ""            # eva_vit_g.pth (stage 1, or when the checkpoint lacks it)
+    qformer_path: str = ""           # stage 1: instruct_blip_vicuna7b_trimmed.pth
+    bert_path: str = ""              # bert-base-uncased vocab.txt (or its folder)
+    tokenizer_dir: str = ""          # where tokenizer.model is, for a scratch model
+    # a scratch model's shapes: fields of model.LLaMAConfig, vision.EVAConfig, tokens.TokenConfig ({} = the
+    # real model's: Vicuna-7B, EVA-ViT-g/14, the BERT-base Q-Former with 32 queries)
+    llm_config: dict = field(default_factory=dict)
+    vision_config: dict = field(default_factory=dict)
+    token_config: dict = field(default_factory=dict)   # its "qformer": fields of tokens.QFormerConfig
+    # what the model sees
+    image_size: int = 224
+    compress_type: str = "mean"      # content tokens a frame: "mean", "grid:g" or None (every patch)
+    bert_type: str = "qformer_pretrain"
+    video_fps: float = 1.0
+    max_frames: int = 0              # 0 = no cap
+    video_token: int = 2             # placeholders a frame in the long-video prompt (stage 3)
+    max_len: int = 2048
+    cache_videos: bool = False       # keep decoded clips in memory after their first read (small synthetic sets)
+    out_dir: str = "out/run"
+    resume: bool = True              # continue from out_dir's latest checkpoint when there is one
+    # LoRA (the original's lora_enable / bits): adapters on the LLM's projections, base weights frozen
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_base_quant: str = ""        # "", "bf16", "int8" or "int4": how the frozen base weights are held (QLoRA)
+    lora_save_merged: bool = False   # also write a merged full checkpoint (float bases only)
+    # optimisation
+    learning_rate: float = 2e-5
+    min_lr: float = 0.0
+    visual_learning_rate: float = 0.0  # the visual token generator's rate (LLaVA's mm_projector_lr); 0 = learning_rate
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_ratio: float = 0.03
+    lr_schedule: str = "cosine"      # after the warm-up: "cosine" to min_lr, or "wsd": constant, then linear to min_lr
+    cooldown_ratio: float = 0.2      # (wsd) the share of the steps, at the end, over which the rate falls to min_lr
+    epochs: int = 1
+    max_steps: int = 0               # 0 = run the epochs
+    global_batch_size: int = 128     # kept when the GPU count changes: accumulation absorbs the difference
+    micro_batch_size: int = 4
+    grad_clip: float = 1.0
+    dropout: float = 0.1             # the Q-Former's (BERT's), active while it is in train mode as in the original
+    dtype: str = "bfloat16"          # compute dtype; master weights, optimizer state and reductions stay float32
+    gradient_checkpointing: bool = True
+    compile: bool = False            # torch.compile each LLM block (one graph shared by all): fused norms, rope, ...
+    group_by_length: bool = True
+    seed: int = 42
+    num_workers: int = 2             # DataLoader processes decoding the media
+    device: str = "auto"
+    # logging and saving
+    log_interval: int = 1            # a logged step is timed: the device is synchronised between its phases
+    save_interval: int = 1000        # steps; a final checkpoint is written too
+    save_checkpoints: bool = True    # False: measure only (benchmark runs)
+    max_shard_size: str = "10GB"     # weight shards of at most this much (transformers' default), or bytes
+    wandb_log: bool = False
+    wandb_project: str = "llama-vid"
+    wandb_run_name: str = "run"
+
+
+def get_config(argv) -> Config:
+    """nanoGPT's configurator: config files are exec'd into a namespace seeded with the defaults (a file may define
+    helper names of its own), --key=value arguments set a setting (a Python literal, else a plain string)."""
+    ns = dataclasses.asdict(Config())
+    names = list(ns)
     for arg in argv:
         if not arg.startswith("--"):
             if not Path(arg).is_file():
                 raise FileNotFoundError(f"config file {arg} does not exist")
-            exec(Path(arg).read_text(), namespace)
+            exec(Path(arg).read_text(), ns)
             continue
         key, _, value = arg[2:].partition("=")
-        if key not in namespace or key.startswith("_"):
-            raise ValueError(f"unknown setting --{key}; see the defaults at the top of train.py")
+        if key not in names:
+            raise ValueError(f"unknown setting --{key}; see the Config defaults at the top of train.py")
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             pass  # a plain string
-        namespace[key] = value
+        ns[key] = value
+    c = Config(**{k: ns[k] for k in names})
+    for key, allowed in (("stage", (1, 2, 3)), ("lr_schedule", ("cosine", "wsd")),
+                         ("dtype", ("bfloat16", "float16", "float32"))):
+        if getattr(c, key) not in allowed:
+            raise ValueError(f"{key} {getattr(c, key)!r} is not one of {', '.join(map(repr, allowed))}")
+    return c
 
 
 # which parts train in each stage (SPEC: Training recipe); EVA never trains
@@ -109,304 +134,68 @@ TRAINABLE = {
 }
 
 
-def set_trainable(model, stage):
-    prefixes = TRAINABLE[stage]
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-    return [p for p in model.parameters() if p.requires_grad]
+def lr_at(step, total, c):
+    """The rate at a step: a linear warm-up, then a cosine to min_lr, or (wsd: warm-up, stable, decay) the full
+    rate until the last cooldown_ratio of the steps, over which it falls linearly to min_lr."""
+    lr, min_lr = c.learning_rate, c.min_lr
+    warmup = math.ceil(c.warmup_ratio * total)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if c.lr_schedule == "wsd":
+        cooldown = math.ceil(c.cooldown_ratio * total)
+        return lr if step < total - cooldown else min_lr + (lr - min_lr) * (total - step) / cooldown
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def build_model(cfg, device, vocab=None):
-    """The model a stage starts from, with float32 master weights."""
-    from model import LLaMA, LlamaVID, LlamaVIDConfig, LLaMAConfig
-    from tokens import QFormerConfig, TokenConfig, VisualTokenizer, WordPiece, bert_num_heads
-    from vision import EVAConfig, EVAViT
-    if cfg["init_from"] == "scratch" or (cfg["stage"] == 1 and not cfg["init_from"]):
-        if cfg["init_from"] == "scratch":  # a random model of the shapes the config gives (tiny runs, benchmarks)
-            with torch.device(device):  # initialised where it will run: a 7B model is never built on the CPU
-                llm = LLaMA(LLaMAConfig(**(cfg["llm_config"] or {})))
-                # token embeddings ~ N(0, 0.02) as HF initialises a LLaMA (initializer_range); torch's N(0, 1)
-                # makes text tokens ~50x the size of what the fresh projectors emit, and the video gets ignored
-                torch.nn.init.normal_(llm.tok_embeddings.weight, std=0.02)
-                vision = EVAViT(EVAConfig(**(cfg["vision_config"] or {}))).requires_grad_(False)
-                llm.inv_freq = llm._inv_freq(device)
-            tok = dict(cfg["token_config"] or {})
-            qcfg = dict(tok.pop("qformer", {}))
-            qcfg.setdefault("vocab_size", len(WordPiece(vocab)))  # the given vocabulary, "[DEC]" included
-            qcfg.setdefault("num_heads", bert_num_heads(vocab, qcfg.get("hidden_size", 768)))  # its config.json
-            qcfg = QFormerConfig(**{**qcfg, "vision_width": vision.cfg.width})
-            tcfg = TokenConfig(**{**tok, "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width, "qformer": qcfg,
-                                  "compress_type": cfg["compress_type"], "bert_type": cfg["bert_type"]})
-            with torch.device(device):
-                visual = VisualTokenizer(tcfg)
-        else:
-            llm = LLaMA.from_pretrained(cfg["llm_path"])
-            vision = EVAViT.from_lavis(cfg["vision_path"], img_size=cfg["image_size"])
-            tcfg = TokenConfig(llm_dim=llm.cfg.dim, vision_width=vision.cfg.width,
-                               compress_type=cfg["compress_type"], bert_type=cfg["bert_type"])
-            visual = VisualTokenizer.from_instructblip(cfg["qformer_path"], tcfg)
-        visual.set_wordpiece(vocab)
-        config = LlamaVIDConfig(
-            llm=llm.cfg, mm_hidden_size=vision.cfg.width, image_size=cfg["image_size"],
-            patch_size=vision.cfg.patch_size, video_token=cfg["video_token"], compress_type=cfg["compress_type"],
-            bert_type=cfg["bert_type"], num_query=visual.cfg.num_query, projector_type=visual.cfg.projector_type,
-            qformer_num_heads=visual.cfg.qformer.num_heads, max_length=cfg["max_len"],
-            vision_tower=cfg["vision_path"] or LlamaVIDConfig.vision_tower,
-            extra={"max_token": cfg["max_len"], "torch_dtype": "float32"})
-        model = LlamaVID(llm, vision, visual, config)
+# ----------------------------------------------------------------------------------------------------------
+# setup: processes, device, seed
+
+@dataclass
+class Process:
+    """Where this process trains: its rank of `world` processes, its device, its compute dtype."""
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def autocast(self):
+        """Compute in dtype: one process autocasts; under FSDP its mixed-precision policy casts."""
+        if self.world == 1 and self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return nullcontext()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def setup(c) -> Process:
+    """Under torchrun, join the process group; pick the device; seed this process's generator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not dist.is_initialized():  # (once a process: a script may call main several times)
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
     else:
-        if not cfg["init_from"]:
-            raise ValueError(f"stage {cfg['stage']} starts from a checkpoint: set init_from")
-        model = LlamaVID.from_pretrained(cfg["init_from"], vision_path=cfg["vision_path"] or None,
-                                         bert_path=cfg["bert_path"] or None)
-        model.config.qformer_num_heads = model.visual.cfg.qformer.num_heads
-        if cfg["stage"] == 3:  # stretch RoPE linearly so max_len fits (the original's rule)
-            old = (model.llm.cfg.rope_scaling or {}).get("factor", 1.0)
-            factor = float(math.ceil(cfg["max_len"] / (model.llm.cfg.max_seq_len * old)))
-            if factor > 1:
-                model.llm.cfg.rope_scaling = {"type": "linear", "factor": factor * old}
-            model.config.max_length, model.config.video_token = cfg["max_len"], cfg["video_token"]
-    return model.float().to(device)
+        rank, world = 0, 1
+        dev = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(c.seed + rank)
+    if c.global_batch_size % (c.micro_batch_size * world):
+        raise ValueError(f"global_batch_size {c.global_batch_size} is not a multiple of micro_batch_size x "
+                         f"processes = {c.micro_batch_size * world}")
+    # bf16 autocast on a CPU is slow and buys nothing here
+    return Process(rank, world, dev, torch.float32 if dev.type == "cpu" else getattr(torch, c.dtype))
 
-
-# ----------------------------------------------------------------------------------------------------------
-# saving: the original HF layout, in whole checkpoints
-#
-# out_dir/checkpoint-N/   one whole checkpoint: what transformers 4.31's Trainer writes for these models
-#                         (config.json, pytorch_model-0000k-of-0000n.bin + pytorch_model.bin.index.json, the
-#                         tokenizer, vocab.txt; stage 1 also mm_projector.bin; LoRA: peft's files) and
-#                         train_state.pt (optimizer, RNG, step: tensors and plain data, read with weights_only)
-# out_dir/latest          the name of the newest whole checkpoint: the one a resume takes
-# out_dir/*               that checkpoint's model files, hard-linked: what sample.py, LlamaVID.from_pretrained
-#                         and the original's builder load
-#
-# A checkpoint is written under checkpoint-N.partial, synced to disk, renamed to checkpoint-N, and only then named
-# in `latest` (a rename too): a kill at any moment leaves `latest` naming a whole checkpoint, old or new.
-
-WEIGHTS_INDEX = "pytorch_model.bin.index.json"
-TRAIN_STATE = "train_state.pt"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
-LATEST = "latest"
-# what a save puts at the top of out_dir; a file of these names that the new checkpoint lacks is stale
-MODEL_FILES = re.compile(r"pytorch_model.*\.bin|pytorch_model\.bin\.index\.json|model.*\.safetensors(\.index\.json)?|"
-                         r"mm_projector\.bin|adapter_model\..*|adapter_config\.json|non_lora_trainables\.bin|"
-                         + re.escape(TRAIN_STATE))
-
-
-def full_state_dict(model, distributed):
-    if distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def to_original_keys(state, model):
-    """Our parameter names -> the original checkpoint's (what the original code and sample.py load)."""
-    from checkpoint import VISION_PREFIX, ours_to_hf
-    out = {}
-    for k, v in state.items():
-        if k.startswith("llm."):
-            out[ours_to_hf(k[4:])] = v
-        elif k.startswith("vision."):
-            # frozen: stored as LAVIS does, in float16, unless that would round it (a scratch model's random
-            # EVA): a resumed run must hold the very weights the interrupted one did
-            half = v.to(torch.float16)
-            out[VISION_PREFIX + k[7:]] = half if torch.equal(half.to(v.dtype), v) else v
-    visual = {k[7:]: v for k, v in state.items() if k.startswith("visual.")}
-    out.update(model.visual.llamavid_state_dict(visual))
-    return out
-
-
-def parse_size(size) -> int:
-    """Bytes from an int or a size as transformers writes it: "10GB" (10**10), "500MiB" (500 * 2**20)."""
-    if isinstance(size, int) and size > 0:
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
-    if m is None:
-        raise ValueError(f"max_shard_size {size!r} is not a size: give bytes or e.g. '10GB', '500MB', '2GiB'")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    return int(float(m.group(1)) * base ** "KMG".index(unit[0]) * base)
-
-
-def shard_weights(weights, max_bytes):
-    """{file name: tensors} as transformers 4.31 shards a state dict: in order, a new shard whenever the next
-    tensor would take the current one past max_bytes (so a larger tensor gets a shard of its own). Unlike 4.31,
-    one shard is still named -00001-of-00001 with an index: the original finds its weights through the index."""
-    shards, size = [{}], 0
-    for k, v in weights.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    return {f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin": shard for i, shard in enumerate(shards)}
-
-
-def save_weights(weights, folder, max_bytes):
-    """pytorch_model-0000k-of-0000n.bin (plain dicts of tensors) and pytorch_model.bin.index.json."""
-    weight_map = {}
-    for name, shard in shard_weights(weights, max_bytes).items():
-        torch.save(shard, folder / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_model_files(folder, model, state, cfg, files, lora_cfg=None):
-    """The files the original's builder (and ours) loads a model from, written into folder; files: {name: bytes}
-    of the tokenizer and the vocabulary."""
-    if lora_cfg is not None:  # peft's layout (adapter_config.json, adapter_model.safetensors, non_lora_trainables)
-        from lora import merged_state_dict, save_adapters
-        save_adapters(model, folder, lora_cfg, state=state, base_model=cfg["init_from"] or cfg["llm_path"])
-        state = merged_state_dict(model, state) if cfg["lora_save_merged"] else None
-    if state is not None:
-        weights = {}
-        for k, v in to_original_keys(state, model).items():
-            v = v.contiguous()
-            # a view (a slice of a fused weight) would be written with the whole storage under it
-            weights[k] = v.clone() if v.untyped_storage().nbytes() != v.nbytes else v
-        save_weights(weights, folder, parse_size(cfg["max_shard_size"]))
-        if cfg["stage"] == 1:  # the trainable parts alone, as the original's mm_projector.bin
-            torch.save({k: v for k, v in weights.items() if k.startswith(("model.mm_projector", "model.vlm_att_"))},
-                       folder / "mm_projector.bin")
-    hf = dict(model.hf_config)
-    hf.update(torch_dtype="float32", transformers_version="4.31.0")
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-
-
-def fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot sync a directory; the files in it are synced already
-        if not Path(path).is_dir():
-            raise
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(model, optimizer, step, cfg, distributed, rank, files, train_state, lora_cfg=None):
-    """Write out_dir/checkpoint-{step} whole, point out_dir/latest at it, and put its model files at the top of
-    out_dir (see the layout above). Every process takes part in gathering the state; process 0 writes."""
-    state = full_state_dict(model, distributed)
-    optim = None
-    if distributed:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                    cpu_offload=True))
-    elif optimizer is not None:
-        optim = optimizer.state_dict()
-    if rank != 0:
-        return
-    out = Path(cfg["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"checkpoint-{step}"
-    staging, ckpt = out / f"{name}.partial", out / name
-    if staging.exists():  # left by a killed save
-        shutil.rmtree(staging)
-    staging.mkdir()
-    write_model_files(staging, model, state, cfg, files, lora_cfg)
-    plain = {k: v for k, v in cfg.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    torch.save(dict(train_state, step=step, optimizer=optim, config=plain), staging / TRAIN_STATE)
-    for f in staging.iterdir():
-        fsync(f)
-    fsync(staging)
-    if ckpt.exists():  # an earlier run's, which `latest` no longer names (a fresh start unlinks it)
-        shutil.rmtree(ckpt)
-    os.rename(staging, ckpt)
-    fsync(out)
-    pointer = out / f"{LATEST}.tmp"
-    pointer.write_text(name + "\n")
-    fsync(pointer)
-    os.replace(pointer, out / LATEST)  # the switch: from here on a resume takes this checkpoint
-    fsync(out)
-    install(ckpt)
-
-
-def latest_checkpoint(out_dir):
-    """(path, step) of the whole checkpoint out_dir/latest names, or None when there is none."""
-    out = Path(out_dir)
-    pointer = out / LATEST
-    if not pointer.is_file():
-        if (out / TRAIN_STATE).is_file():
-            raise ValueError(f"{out} holds a checkpoint of an earlier train.py layout (train_state.pt beside the "
-                             "weights), which cannot be resumed safely; start afresh with --resume=False or another "
-                             "out_dir")
-        return None
-    name = pointer.read_text().strip()
-    m = re.fullmatch(r"checkpoint-(\d+)", name)
-    if m is None or not (out / name / TRAIN_STATE).is_file():
-        raise ValueError(f"{pointer} names {name!r}, which is not a checkpoint directory in {out}; resume with "
-                         "another out_dir or start afresh with --resume=False")
-    return out / name, int(m.group(1))
-
-
-def read_train_state(path):
-    """train_state.pt: tensors and plain data only, so reading it never runs code from the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"it would call {culprit.group(1)}" if culprit else "it holds objects"
-        raise ValueError(f"refusing to resume from {path}: {what}, and a train state holds only tensors and plain "
-                         "data; resume from a checkpoint train.py wrote, or start afresh with --resume=False") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"cannot read {path} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}): the "
-                         "file is cut short or damaged; start afresh with --resume=False") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
-            not isinstance(state.get("rng_cpu"), list) or not isinstance(state.get("rng_cuda"), list):
-        raise ValueError(f"{path} is not a train state written by train.py; start afresh with --resume=False")
-    return state
-
-
-def install(ckpt):
-    """Make the whole checkpoint ckpt what the top of its out_dir holds: its model files hard-linked there, the
-    index (or adapter_config.json) removed first and linked last, so that a loader finds the previous model, this
-    one or none, never a mix; then remove every other checkpoint directory."""
-    out = ckpt.parent
-    files = {f.name: f for f in sorted(ckpt.iterdir()) if f.name != TRAIN_STATE}
-
-    def unchanged(name):  # (config.json and the tokenizer stay the same from save to save)
-        src, dst = files[name], out / name
-        return dst.exists() and (os.path.samefile(src, dst) or
-                                 (src.stat().st_size < 1 << 20 and src.read_bytes() == dst.read_bytes()))
-    todo = [n for n in files if not unchanged(n)]
-    stale = [f for f in sorted(out.iterdir()) if f.is_file() and MODEL_FILES.fullmatch(f.name) and f.name not in files]
-    if todo or stale:
-        last = [n for n in (WEIGHTS_INDEX, "adapter_config.json") if n in files]
-        for name in last:
-            if (out / name).exists():
-                os.unlink(out / name)
-        for f in stale:
-            os.unlink(f)
-        for name in [n for n in todo if n not in last] + last:
-            tmp = out / f".{name}.tmp"
-            if tmp.exists():
-                os.unlink(tmp)
-            try:
-                os.link(files[name], tmp)
-            except OSError:  # no hard links on this file system: a copy
-                shutil.copyfile(files[name], tmp)
-                fsync(tmp)
-            os.replace(tmp, out / name)
-        fsync(out)
-    for d in sorted(out.glob("checkpoint-*")):
-        if d.is_dir() and d != ckpt:
-            shutil.rmtree(d)
-
-
-# ----------------------------------------------------------------------------------------------------------
 
 def keep_freed_memory():
     """On a CPU, glibc's malloc returns every large freed block (activations, gradients) to the OS at once, and
-    the next step faults the same memory back in page by page: 10-15 % of a quick-start step on 2 cores. Serve
-    blocks up to 32 MiB from the heap and keep its free top instead (no effect where libc is not glibc)."""
-    import ctypes
+    the next step faults the same memory back in page by page. Serve blocks up to 32 MiB from the heap and keep
+    its free top instead (no effect where libc is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's largest allowed value)
@@ -415,133 +204,58 @@ def keep_freed_memory():
         pass
 
 
-def lr_at(step, total, cfg):
-    """The rate at a step: a linear warm-up, then a cosine to min_lr, or (wsd: warm-up, stable, decay) the full
-    rate until the last cooldown_ratio of the steps, over which it falls linearly to min_lr."""
-    lr, min_lr = cfg["learning_rate"], cfg["min_lr"]
-    warmup = math.ceil(cfg["warmup_ratio"] * total)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if cfg["lr_schedule"] == "wsd":
-        cooldown = math.ceil(cfg["cooldown_ratio"] * total)
-        return lr if step < total - cooldown else min_lr + (lr - min_lr) * (total - step) / cooldown
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+def find_resume(c, p):
+    """(checkpoint, its train state) that this run continues from, or (None, {}) for a fresh start."""
+    out = Path(c.out_dir)
+    found = latest_checkpoint(out) if c.resume else None
+    if found is None:
+        if p.rank == 0 and c.save_checkpoints and (out / LATEST).exists():
+            (out / LATEST).unlink()  # a fresh start: an earlier run's checkpoints are never resumed from now on
+        return None, {}
+    ckpt, step = found
+    state = read_train_state(ckpt / TRAIN_STATE)  # before anything else is built from the directory
+    if state["step"] != step:
+        raise ValueError(f"{ckpt / TRAIN_STATE} is at step {state['step']}, not {step}: the checkpoint was altered; "
+                         "start afresh with --resume=False")
+    return ckpt, state
 
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# ----------------------------------------------------------------------------------------------------------
+# build: the model a stage starts from, its trainable parts, LoRA, FSDP
 
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def step_flops(model, tokens, seq_len):
-    """FLOPs of one training step over `tokens` LLM tokens of length seq_len (the LLM dominates; EVA and the
-    Q-Former are left out). Per token: 2N forward; backward 2N for the input gradients through every layer
-    the loss flows through, plus 2N for the weight gradients of trainable weights; causal attention adds
-    2 * 2 * n_layers * seq_len * dim forward (QK^T and AV, half of it masked), times 3 with its backward."""
-    cfg = model.llm.cfg
-    n_all = sum(p.numel() for n, p in model.llm.named_parameters() if "tok_embeddings" not in n)
-    n_train = sum(p.numel() for n, p in model.llm.named_parameters() if p.requires_grad and "tok_embeddings" not in n)
-    attn = 2 * 2 * cfg.n_layers * seq_len * cfg.dim * 3
-    return tokens * (4 * n_all + 2 * n_train + attn)
-
-
-def main(argv, return_model=False):
-    from data import LLaVADataset, Tokenizer, collate, length_grouped_order
-    from checkpoint import find_bert_vocab
-    cfg_ns = {k: v for k, v in globals().items() if not k.startswith("_") and
-              isinstance(v, (int, float, bool, str, tuple, type(None), dict))}
-    cfg_ns.update(llm_config=None, vision_config=None, token_config=None)  # shapes of a scratch model
-    apply_overrides(argv, cfg_ns)
-    cfg = cfg_ns
-    if cfg["stages"]:
-        return run_stages(argv, cfg)
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        if not dist.is_initialized():  # (once a process: run_stages calls main for every stage)
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-    else:
-        rank, world = 0, 1
-        dev = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    master = rank == 0
-    if dev.type == "cpu":
-        keep_freed_memory()
-    if cfg["shapes_dataset"]:  # the quick start's synthetic clips and vocabularies (skipped once written)
-        if master:
-            from shapes import make_shapes_dataset
-            make_shapes_dataset(**cfg["shapes_dataset"])
-        if distributed:
-            dist.barrier()
-    torch.manual_seed(cfg["seed"] + rank)
-    compute_dtype = getattr(torch, cfg["dtype"])
-    if dev.type == "cpu" and compute_dtype != torch.float32:
-        compute_dtype = torch.float32  # bf16 autocast on a CPU is slow and buys nothing here
-
-    per_step = cfg["micro_batch_size"] * world
-    if cfg["global_batch_size"] % per_step:
-        raise ValueError(f"global_batch_size {cfg['global_batch_size']} is not a multiple of micro_batch_size x "
-                         f"processes = {per_step}")
-    accum = cfg["global_batch_size"] // per_step
-
-    out = Path(cfg["out_dir"])
-    found = latest_checkpoint(out) if cfg["resume"] else None
-    resuming = found is not None
-    step, train_state = 0, {}
-    if resuming:
-        ckpt = found[0]
-        train_state = read_train_state(ckpt / TRAIN_STATE)  # before anything else is built from the directory
-        step = train_state["step"]
-        if step != found[1]:
-            raise ValueError(f"{ckpt / TRAIN_STATE} is at step {step}, not {found[1]}: the checkpoint was altered; "
-                             "start afresh with --resume=False")
-        if not cfg["lora"]:  # (a LoRA run rebuilds its base, then loads its adapters from the checkpoint)
-            cfg["init_from"] = str(ckpt)
-    elif master and cfg["save_checkpoints"] and (out / LATEST).exists():
-        (out / LATEST).unlink()  # a fresh start: an earlier run's checkpoints are never resumed from now on
-    src_dir = Path(cfg["init_from"] if cfg["init_from"] not in ("", "scratch") else cfg["llm_path"] or cfg["tokenizer_dir"])
-    vocab = find_bert_vocab(src_dir, cfg["bert_path"] or None)
-    tokenizer = Tokenizer(src_dir)
-    # what every checkpoint carries beside the weights, read now: a resumed run's source is a checkpoint that its
-    # next save removes
-    side_files = {n: (src_dir / n).read_bytes() for n in TOKENIZER_FILES if (src_dir / n).is_file()}
-    side_files["vocab.txt"] = Path(vocab).read_bytes()
-    model = build_model(cfg, dev, vocab)  # a resumed run rebuilds from its own last checkpoint
-    params = set_trainable(model, cfg["stage"])
-    if master:
-        n_train = sum(p.numel() for p in params)
-        print(f"stage {cfg['stage']}: {n_train / 1e6:.2f}M trainable of "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {world} process(es), "
-              f"micro batch {cfg['micro_batch_size']}, accumulation {accum}")
+def build(c, p, ckpt):
+    """(model, tokenizer, files every checkpoint carries beside the weights, LoRA config or None)."""
+    # a resumed run rebuilds from its own last checkpoint (a LoRA run: its base, then its adapters)
+    init_from = str(ckpt) if ckpt is not None and not c.lora else c.init_from
+    source = Path(init_from if init_from not in ("", "scratch") else c.llm_path or c.tokenizer_dir)
+    vocab = find_bert_vocab(source, c.bert_path or None)
+    tokenizer = Tokenizer(source)
+    # read now: a resumed run's source is a checkpoint that its next save removes
+    files = {n: (source / n).read_bytes() for n in TOKENIZER_FILES if (source / n).is_file()}
+    files["vocab.txt"] = Path(vocab).read_bytes()
+    model = build_model(c, init_from, p.device, vocab)
+    set_trainable(model, c.stage)
+    if p.rank == 0:
+        n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        print(f"stage {c.stage}: {n_train / 1e6:.2f}M trainable of "
+              f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters; {p.world} process(es), "
+              f"micro batch {c.micro_batch_size}, accumulation {c.global_batch_size // (c.micro_batch_size * p.world)}")
     lora_cfg = None
-    if cfg["lora"]:
-        from lora import LoRAConfig, apply_lora, load_adapters, quantize_base
-        lora_cfg = LoRAConfig(r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+    if c.lora:
+        lora_cfg = LoRAConfig(r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout)
         apply_lora(model, lora_cfg)  # freezes the LLM; the visual parts keep the stage's choice
-        if resuming:
+        if ckpt is not None:
             load_adapters(model, ckpt, merge=False)
-        if cfg["lora_base_quant"]:
-            quantize_base(model, cfg["lora_base_quant"])
-        model.to(dev)
-    model.llm.gradient_checkpointing = cfg["gradient_checkpointing"]
-    if cfg["compile"]:
+        if c.lora_base_quant:
+            quantize_base(model, c.lora_base_quant)
+        model.to(p.device)
+    model.llm.gradient_checkpointing = c.gradient_checkpointing
+    if c.compile:
         for block in model.llm.layers:  # regional compilation: compiled once, reused by every layer
             block.compile()
-    model.visual.set_dropout(cfg["dropout"])
-
-    if distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    model.visual.set_dropout(c.dropout)
+    if p.world > 1:
+        mp = MixedPrecisionPolicy(param_dtype=p.dtype, reduce_dtype=torch.float32)
         for block in model.llm.layers:
             fully_shard(block, mp_policy=mp)
         # EVA is frozen and runs a different number of times on each process (not at all for a text-only batch):
@@ -549,192 +263,114 @@ def main(argv, return_model=False):
         # gathered once per forward however often it runs.
         frozen = set()
         if model.vision is not None:
-            model.vision.to(compute_dtype)
+            model.vision.to(p.dtype)
             frozen = set(model.vision.parameters()) | set(model.vision.buffers())
         fully_shard(model, mp_policy=mp, ignored_params=frozen)
-        autocast = nullcontext()
+    return model, tokenizer, files, lora_cfg
+
+
+def build_model(c, init_from, device, vocab):
+    """The model a stage starts from, with float32 master weights: a LLaMA-VID checkpoint, a random model of the
+    config's shapes (init_from="scratch"), or (stage 1) Vicuna, EVA and InstructBLIP's Q-Former."""
+    if init_from not in ("", "scratch"):
+        model = LlamaVID.from_pretrained(init_from, vision_path=c.vision_path or None, bert_path=c.bert_path or None)
+        # into config.json: the checkpoint then loads without the BERT config.json the count came from
+        model.config.qformer_num_heads = model.visual.cfg.qformer.num_heads
+        if c.stage == 3:  # stretch RoPE linearly so max_len fits (the original's rule)
+            old = (model.llm.cfg.rope_scaling or {}).get("factor", 1.0)
+            factor = float(math.ceil(c.max_len / (model.llm.cfg.max_seq_len * old)))
+            if factor > 1:
+                model.llm.cfg.rope_scaling = {"type": "linear", "factor": factor * old}
+            model.config.max_length, model.config.video_token = c.max_len, c.video_token
+        return model.float().to(device)
+    if not init_from and c.stage != 1:
+        raise ValueError(f"stage {c.stage} starts from a checkpoint: set init_from")
+    if init_from == "scratch":
+        with torch.device(device):  # initialised where it will run: a 7B model is never built on the CPU
+            llm = LLaMA(LLaMAConfig(**c.llm_config))
+            # token embeddings ~ N(0, 0.02) as HF initialises a LLaMA (initializer_range); torch's N(0, 1)
+            # makes text tokens ~50x the size of what the fresh projectors emit, and the video gets ignored
+            torch.nn.init.normal_(llm.tok_embeddings.weight, std=0.02)
+            vision = EVAViT(EVAConfig(**c.vision_config)).requires_grad_(False)
+            llm.inv_freq = llm._inv_freq(device)
+        tok = dict(c.token_config)
+        qcfg = dict(tok.pop("qformer", {}))
+        qcfg.setdefault("vocab_size", len(WordPiece(vocab)))  # the given vocabulary, "[DEC]" included
+        qcfg.setdefault("num_heads", bert_num_heads(vocab, qcfg.get("hidden_size", 768)))  # its config.json
+        qcfg = QFormerConfig(**{**qcfg, "vision_width": vision.cfg.width})
+        tcfg = TokenConfig(**{**tok, "llm_dim": llm.cfg.dim, "vision_width": vision.cfg.width, "qformer": qcfg,
+                              "compress_type": c.compress_type, "bert_type": c.bert_type})
+        with torch.device(device):
+            visual = VisualTokenizer(tcfg)
     else:
-        autocast = (torch.autocast(dev.type, dtype=compute_dtype) if compute_dtype != torch.float32
-                    else nullcontext())
+        llm = LLaMA.from_pretrained(c.llm_path)
+        vision = EVAViT.from_lavis(c.vision_path, img_size=c.image_size)
+        tcfg = TokenConfig(llm_dim=llm.cfg.dim, vision_width=vision.cfg.width, compress_type=c.compress_type,
+                           bert_type=c.bert_type)
+        visual = VisualTokenizer.from_instructblip(c.qformer_path, tcfg)
+    visual.set_wordpiece(vocab)
+    config = LlamaVIDConfig(
+        llm=llm.cfg, mm_hidden_size=vision.cfg.width, image_size=c.image_size, patch_size=vision.cfg.patch_size,
+        video_token=c.video_token, compress_type=c.compress_type, bert_type=c.bert_type,
+        num_query=visual.cfg.num_query, projector_type=visual.cfg.projector_type,
+        qformer_num_heads=visual.cfg.qformer.num_heads, max_length=c.max_len,
+        vision_tower=c.vision_path or LlamaVIDConfig.vision_tower,
+        extra={"max_token": c.max_len, "torch_dtype": "float32"})
+    return LlamaVID(llm, vision, visual, config).float().to(device)
 
-    data = LLaVADataset(cfg["data_path"], tokenizer, cfg["template"], cfg["image_folder"], cfg["video_folder"],
-                        image_size=model.image_size, video_fps=cfg["video_fps"],
-                        max_frames=cfg["max_frames"] or None, video_token=cfg["video_token"],
-                        max_len=cfg["max_len"], seed=cfg["seed"], cache_videos=cfg["cache_videos"])
+
+def set_trainable(model, stage):
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(TRAINABLE[stage]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: the dataset, its order, this process's batches
+
+def load_data(c, p, model, tokenizer, start_step):
+    """(an iterator over this process's micro batches from global step start_step on, the run's total steps)."""
+    data = LLaVADataset(c.data_path, tokenizer, c.template, c.image_folder, c.video_folder,
+                        image_size=model.image_size, video_fps=c.video_fps, max_frames=c.max_frames or None,
+                        video_token=c.video_token, max_len=c.max_len, seed=c.seed, cache_videos=c.cache_videos)
     lengths = data.modality_lengths()
-    steps_per_epoch = len(data) // cfg["global_batch_size"]
+    B, mb = c.global_batch_size, c.micro_batch_size
+    steps_per_epoch = len(data) // B
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} samples do not fill one global batch of {cfg['global_batch_size']}")
-    total = cfg["max_steps"] or steps_per_epoch * cfg["epochs"]
-    if cfg["cache_videos"] and total >= steps_per_epoch:  # a run that reads the whole set: decode it all now
-        t_cache = time.time()
+        raise ValueError(f"{len(data)} samples do not fill one global batch of {B}")
+    total = c.max_steps or steps_per_epoch * c.epochs
+    if c.cache_videos and total >= steps_per_epoch:  # a run that reads the whole set: decode it all now
+        t0 = time.time()
         n_read = data.fill_cache()
-        if master and n_read:
-            print(f"{n_read} videos decoded into memory in {time.time() - t_cache:.1f} s")
-        if model.vision is not None and not distributed:  # EVA never trains: keep its features, not the frames
+        if p.rank == 0 and n_read:
+            print(f"{n_read} videos decoded into memory in {time.time() - t0:.1f} s")
+        if model.vision is not None and p.world == 1:  # EVA never trains: keep its features, not the frames
             model.vision.eval()
-            with autocast:
-                data.encode_cache(lambda pixels: model.encode(pixels.to(dev)))
-    if cfg["lr_schedule"] not in ("cosine", "wsd"):
-        raise ValueError(f"lr_schedule {cfg['lr_schedule']!r} is not one of 'cosine', 'wsd'")
+            with p.autocast():
+                data.encode_cache(lambda pixels: model.encode(pixels.to(p.device)))
 
-    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: FSDP2 swaps in DTensors
-    # two groups: the visual token generator may train at its own rate (visual_scale x the LLM's)
-    visual = {id(p) for name, p in model.named_parameters() if p.requires_grad and name.startswith("visual.")}
-    visual_scale = (cfg["visual_learning_rate"] or cfg["learning_rate"]) / (cfg["learning_rate"] or 1.0)
-    split = [[p for p in params if id(p) not in visual], [p for p in params if id(p) in visual]]
-    scales = [scale for scale, group in zip((1.0, visual_scale), split) if group]
-    optimizer = torch.optim.AdamW([{"params": group} for group in split if group], lr=cfg["learning_rate"],
-                                  betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"],
-                                  fused=dev.type == "cuda" or not distributed)  # (CPU too: 5x a loop's speed)
-    if resuming:
-        if distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            names = {id(p): n for n, p in model.named_parameters()}
-            if [g["params"] for g in train_state["optimizer"]["param_groups"]] != \
-                    [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:
-                raise ValueError(f"{ckpt / TRAIN_STATE}: its optimizer state does not fit this run's trainable "
-                                 "parameters; resume with the settings it was written with, or start afresh with "
-                                 "--resume=False or another out_dir")
-            # not strict: a parameter that never had a gradient (the Q-Former's last text layer) has no state,
-            # in the run that saved it as in this one
-            set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, strict=False))
-        else:
-            try:
-                optimizer.load_state_dict(train_state["optimizer"])
-            except ValueError as e:  # e.g. written with other trainable parts, or before the two rate groups
-                raise ValueError(f"{ckpt / TRAIN_STATE}: its optimizer state does not fit this run's trainable "
-                                 f"parameters ({e}); resume with the settings it was written with, or start afresh "
-                                 "with --resume=False or another out_dir") from None
-        if master:
-            print(f"resumed from {ckpt} at step {step}")
-            install(ckpt)  # the top of out_dir as a save left it, had a kill cut that save short
+    def order(epoch):
+        if c.group_by_length:  # micro batches of similar lengths, whatever the process count
+            return length_grouped_order(lengths, mb, c.seed + epoch)
+        return torch.randperm(len(data), generator=torch.Generator().manual_seed(c.seed + epoch)).tolist()
 
-    def order_for(epoch):
-        if cfg["group_by_length"]:  # micro batches of similar lengths, whatever the process count
-            return length_grouped_order(lengths, cfg["micro_batch_size"], cfg["seed"] + epoch)
-        return torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)).tolist()
-
-    def batches(start_step):
-        """This rank's micro batches from global step start_step on (a resume's data position). A step's
-        global batch is cut into the same micro batches on any number of processes; rank r takes every
-        world-th one, so 1 GPU with accumulation and N GPUs compute the same loss and gradient."""
+    def batches():
+        """A step's global batch is cut into the same micro batches on any number of processes; rank r takes
+        every world-th one, so 1 GPU with accumulation and N GPUs compute the same loss and gradient."""
         epoch, s = divmod(start_step, steps_per_epoch)
-        B, mb = cfg["global_batch_size"], cfg["micro_batch_size"]
         while True:
-            order = order_for(epoch)
+            samples = order(epoch)
             for st in range(s, steps_per_epoch):
-                step_samples = order[st * B:(st + 1) * B]
-                for j in range(rank, B // mb, world):
+                step_samples = samples[st * B:(st + 1) * B]
+                for j in range(p.rank, B // mb, p.world):
                     yield step_samples[j * mb:(j + 1) * mb]
             epoch, s = epoch + 1, 0
 
-    loader = torch.utils.data.DataLoader(_IndexBatches(data, batches(step)), batch_size=None,
-                                         num_workers=cfg["num_workers"], collate_fn=collate,
-                                         persistent_workers=False)
-    wandb = None
-    if cfg["wandb_log"] and master:
-        import wandb
-        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=step, disable=not master, desc=f"stage {cfg['stage']}", file=sys.stderr)
-    peak = peak_flops(dev)
-    model.train()
-    if model.vision is not None:
-        model.vision.eval()  # frozen and without dropout
-    it = iter(loader)  # (draws the workers' seeds from the RNG: restore the saved RNG after it)
-    if resuming:
-        own = rank if rank < len(train_state["rng_cpu"]) else 0  # (another process count cannot be exact anyway)
-        torch.set_rng_state(train_state["rng_cpu"][own])
-        if dev.type == "cuda" and train_state["rng_cuda"][own] is not None:
-            torch.cuda.set_rng_state(train_state["rng_cuda"][own])
-    t0, tokens_seen, flops_seen, losses, skipped = time.time(), 0, 0.0, [], 0
-    while step < total:
-        lr = lr_at(step, total, cfg)
-        for group, scale in zip(optimizer.param_groups, scales):
-            group["lr"] = lr * scale
-        step_loss = torch.zeros((), device=dev)
-        for micro in range(accum):
-            batch = next(it)
-            skipped += batch["skipped"]
-            if "input_ids" not in batch:  # every sample of this micro batch was unreadable
-                if not distributed:
-                    continue
-                batch = blank_batch(tokenizer)  # the other processes wait for this one's collectives
-            media = [m.to(dev) if m is not None else None for m in batch["media"]]
-            with autocast:
-                logits, loss = model(batch["input_ids"].to(dev), media, batch["prompts"],
-                                     attention_mask=batch["attention_mask"].to(dev), labels=batch["labels"].to(dev))
-            (loss / accum).backward()
-            step_loss += loss.detach() / accum
-            tokens_seen += logits.shape[0] * logits.shape[1] * world
-            flops_seen += step_flops(model, logits.shape[0] * logits.shape[1] * world, logits.shape[1])
-            del logits
-        if distributed:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        losses.append(step_loss.item())
-        bar.update(1)
-        if master and step % cfg["log_interval"] == 0:
-            dt = time.time() - t0
-            msg = {"step": step, "loss": round(losses[-1], 4), "lr": lr, "tokens/s": round(tokens_seen / dt)}
-            if peak:
-                msg["mfu"] = round(flops_seen / dt / (peak * world), 4)
-            if dev.type == "cuda":
-                msg["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-            bar.write(json.dumps(msg))
-            if wandb is not None:
-                wandb.log(msg)
-            t0, tokens_seen, flops_seen = time.time(), 0, 0.0
-        if cfg["save_checkpoints"] and (step % cfg["save_interval"] == 0 or step == total):
-            rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if dev.type == "cuda" else None)]
-            if distributed:  # every process draws its own dropout masks: keep each one's generator
-                rngs = rngs * world
-                dist.all_gather_object(rngs, rngs[rank])
-            state = {"rng_cpu": [r[0] for r in rngs], "rng_cuda": [r[1] for r in rngs], "losses": losses}
-            save_checkpoint(model, optimizer, step, cfg, distributed, rank, side_files, state, lora_cfg)
-    bar.close()
-    skipped = torch.tensor([skipped], device=dev)
-    if distributed:
-        dist.all_reduce(skipped)
-    if master:
-        if skipped.item():
-            print(f"{int(skipped.item())} unreadable sample(s) were skipped (see the warnings above)")
-        print(f"done: {step} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in {out}")
-    if distributed:
-        dist.barrier()  # every process returns once process 0 has written the checkpoint (a next stage reads it)
-    return (losses, model) if return_model else losses
+    loader = torch.utils.data.DataLoader(IndexBatches(data, batches()), batch_size=None,
+                                         num_workers=c.num_workers, collate_fn=collate, persistent_workers=False)
+    return iter(loader), total  # (iter draws the workers' seeds from the RNG: a resume restores the RNG after it)
 
 
-def run_stages(argv, cfg):
-    """`stages = (1, 2)`: train the stages one after the other in this process, each a main() of its own whose
-    settings are the config file(s), then stage_overrides[stage], then the command line's --key=value."""
-    overrides = cfg["stage_overrides"]
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise ValueError(f"stage_overrides must be a dict {{stage: {{key: value}}}} (a Python literal on the command "
-                         f"line), got {overrides!r}")
-    files = [a for a in argv if not a.startswith("--")]
-    flags = [a for a in argv if a.startswith("--")]
-    losses = []
-    for s in cfg["stages"]:
-        extra = [f"--{k}={v!r}" for k, v in overrides.get(s, {}).items()]
-        losses.append(main(files + [f"--stage={s}"] + extra + flags + ["--stages=()"]))
-    return losses
-
-
-def blank_batch(tokenizer):
-    """A one-token text batch with no supervised label: its loss is 0 and so are its gradients."""
-    ids = torch.tensor([[tokenizer.bos_id, tokenizer.bos_id]])
-    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
-            "media": [None], "prompts": [[]], "skipped": 0}
-
-
-class _IndexBatches(torch.utils.data.IterableDataset):
+class IndexBatches(torch.utils.data.IterableDataset):
     """Turns the stream of index lists into dataset items, in worker processes when num_workers > 0."""
 
     def __init__(self, data, index_batches):
@@ -745,6 +381,202 @@ class _IndexBatches(torch.utils.data.IterableDataset):
         for k, indices in enumerate(self.index_batches):
             if info is None or k % info.num_workers == info.id:
                 yield [self.data[i] for i in indices]
+
+
+def blank_batch(tokenizer):
+    """A one-token text batch with no supervised label: its loss is 0 and so are its gradients."""
+    ids = torch.tensor([[tokenizer.bos_id, tokenizer.bos_id]])
+    return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
+            "media": [None], "prompts": [[]], "skipped": 0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optimizer and resume
+
+def make_optimizer(c, p, model):
+    """AdamW in two groups, so that the visual token generator may train at its own rate; returns (optimizer,
+    each group's rate relative to learning_rate)."""
+    params = [(name, q) for name, q in model.named_parameters() if q.requires_grad]  # (FSDP's DTensors by now)
+    groups = [[q for name, q in params if not name.startswith("visual.")],
+              [q for name, q in params if name.startswith("visual.")]]
+    visual_scale = (c.visual_learning_rate or c.learning_rate) / (c.learning_rate or 1.0)
+    scales = [scale for scale, group in zip((1.0, visual_scale), groups) if group]
+    optimizer = torch.optim.AdamW([{"params": group} for group in groups if group], lr=c.learning_rate,
+                                  betas=tuple(c.betas), weight_decay=c.weight_decay,
+                                  fused=p.device.type == "cuda" or p.world == 1)  # (CPU too: 5x a loop's speed)
+    return optimizer, scales
+
+
+def resume(p, model, optimizer, ckpt, train_state):
+    """Continue where the checkpoint stopped: its optimizer state, this process's RNG, and the top of out_dir as
+    its save left it (had a kill cut that save short)."""
+    wrong = (f"{ckpt / TRAIN_STATE}: its optimizer state does not fit this run's trainable parameters{{}}; resume "
+             "with the settings it was written with, or start afresh with --resume=False or another out_dir")
+    state = train_state["optimizer"]
+    if p.world > 1:
+        names = {id(q): n for n, q in model.named_parameters()}
+        if [g["params"] for g in state["param_groups"]] != \
+                [[names[id(q)] for q in g["params"]] for g in optimizer.param_groups]:
+            raise ValueError(wrong.format(""))
+        # not strict: a parameter that never had a gradient (the Q-Former's last text layer) has no state,
+        # in the run that saved it as in this one
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:  # e.g. written with other trainable parts
+            raise ValueError(wrong.format(f" ({e})")) from None
+    own = p.rank if p.rank < len(train_state["rng_cpu"]) else 0  # (another process count cannot be exact anyway)
+    torch.set_rng_state(train_state["rng_cpu"][own])
+    if p.device.type == "cuda" and train_state["rng_cuda"][own] is not None:
+        torch.cuda.set_rng_state(train_state["rng_cuda"][own])
+    if p.rank == 0:
+        print(f"resumed from {ckpt} at step {train_state['step']}")
+        install(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv, return_model=False):
+    """Train as argv says; returns the losses of the steps run (and the model, with return_model)."""
+    c = get_config(argv)
+    p = setup(c)
+    ckpt, train_state = find_resume(c, p)
+    step = train_state.get("step", 0)
+    model, tokenizer, files, lora_cfg = build(c, p, ckpt)
+    batches, total = load_data(c, p, model, tokenizer, step)
+    optimizer, scales = make_optimizer(c, p, model)
+    if ckpt is not None:
+        resume(p, model, optimizer, ckpt, train_state)
+
+    def save(step, losses):
+        save_checkpoint(c, p, model, optimizer, step, losses, files, lora_cfg)
+    losses = train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save)
+    if p.rank == 0:
+        print(f"done: {total} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in "
+              f"{c.out_dir}")
+    if p.world > 1:
+        dist.barrier()  # every process returns once process 0 has written the checkpoint (a next stage reads it)
+    return (losses, model) if return_model else losses
+
+
+def train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save):
+    """The loop, from step to total. A logged step is timed: the device is synchronised between its phases
+    (waiting for the loader, forward + backward, optimizer), which other steps leave overlapped."""
+    wandb = start_wandb(c) if c.wandb_log and p.rank == 0 else None
+    accum = c.global_batch_size // (c.micro_batch_size * p.world)
+    params = [q for q in model.parameters() if q.requires_grad]
+    peak = peak_flops(p.device)
+    bar = tqdm(total=total, initial=step, disable=p.rank != 0, desc=f"stage {c.stage}", file=sys.stderr)
+    model.train()
+    if model.vision is not None:
+        model.vision.eval()  # frozen and without dropout
+    losses, skipped, tokens, flops, t_log = [], 0, 0, 0.0, time.perf_counter()
+    while step < total:
+        timed = (step + 1) % c.log_interval == 0
+        lr = lr_at(step, total, c)
+        for group, scale in zip(optimizer.param_groups, scales):
+            group["lr"] = lr * scale
+        t_data = t_model = 0.0
+        step_loss = torch.zeros((), device=p.device)
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t_data += time.perf_counter() - t0
+            skipped += batch["skipped"]
+            if "input_ids" not in batch:  # every sample of this micro batch was unreadable
+                if p.world == 1:
+                    continue
+                batch = blank_batch(tokenizer)  # the other processes wait for this one's collectives
+            t0 = time.perf_counter()
+            media = [m.to(p.device) if m is not None else None for m in batch["media"]]
+            with p.autocast():
+                logits, loss = model(batch["input_ids"].to(p.device), media, batch["prompts"],
+                                     attention_mask=batch["attention_mask"].to(p.device),
+                                     labels=batch["labels"].to(p.device))
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+            n, seq_len = logits.shape[0] * logits.shape[1] * p.world, logits.shape[1]  # visual tokens included
+            tokens, flops = tokens + n, flops + training_flops(model.llm, n, seq_len)
+            del logits
+            if timed:
+                p.sync()
+            t_model += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if p.world > 1:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss.item())  # (waits for the device)
+        t_optim = time.perf_counter() - t0
+        step += 1
+        bar.update(1)
+        if p.rank == 0 and step % c.log_interval == 0:
+            dt = time.perf_counter() - t_log
+            msg = {"step": step, "loss": round(losses[-1], 4), "lr": lr, "data_ms": round(1e3 * t_data, 1),
+                   "fwd_bwd_ms": round(1e3 * t_model, 1), "optim_ms": round(1e3 * t_optim, 1),
+                   "tokens/s": round(tokens / dt)}
+            if peak:
+                msg["mfu"] = round(flops / dt / (peak * p.world), 4)
+            if p.device.type == "cuda":
+                msg["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(p.device) / 2**30, 2)
+            bar.write(json.dumps(msg))
+            if wandb is not None:
+                wandb.log(msg)
+            t_log, tokens, flops = time.perf_counter(), 0, 0.0
+        if c.save_checkpoints and (step % c.save_interval == 0 or step == total):
+            t0 = time.perf_counter()
+            save(step, losses)
+            t_log += time.perf_counter() - t0  # a save's time is not the training's
+    bar.close()
+    skipped = torch.tensor([skipped], device=p.device)
+    if p.world > 1:
+        dist.all_reduce(skipped)
+    if p.rank == 0 and skipped.item():
+        print(f"{int(skipped.item())} unreadable sample(s) were skipped (see the warnings above)")
+    return losses
+
+
+def start_wandb(c):
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError("wandb_log=True needs wandb: pip install wandb") from None
+    wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=dataclasses.asdict(c))
+    return wandb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# save: gather the state (every process), write it (process 0)
+
+def save_checkpoint(c, p, model, optimizer, step, losses, files, lora_cfg=None):
+    """out_dir/checkpoint-{step}, whole, in the original's layout, and its model files at the top of out_dir
+    (checkpoint.write_checkpoint). Every process takes part in gathering the sharded state; process 0 writes."""
+    rngs = [(torch.get_rng_state(), torch.cuda.get_rng_state() if p.device.type == "cuda" else None)]
+    if p.world > 1:  # every process draws its own dropout masks: keep each one's generator
+        rngs = rngs * p.world
+        dist.all_gather_object(rngs, rngs[p.rank])
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=full)
+        optim = get_optimizer_state_dict(model, optimizer, options=full)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        optim = optimizer.state_dict()
+    if p.rank != 0:
+        return
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    train_state = {"rng_cpu": [r[0] for r in rngs], "rng_cuda": [r[1] for r in rngs], "losses": losses,
+                   "step": step, "optimizer": optim, "config": settings}
+
+    def write_model(folder):
+        weights = state
+        if lora_cfg is not None:  # peft's layout; full weights only when asked for, merged
+            save_adapters(model, folder, lora_cfg, state=state, base_model=c.init_from or c.llm_path)
+            weights = merged_state_dict(model, state) if c.lora_save_merged else None
+        write_model_files(folder, model, weights, files, c.max_shard_size, projector_file=c.stage == 1)
+    write_checkpoint(c.out_dir, step, train_state, write_model)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ qformer_path = "model_zoo/LAVIS/instruct_blip_vicuna7b_trimmed.pth"
 image_size = 224
 compress_type = "mean"
 bert_type = "qformer_pretrain_freeze"
-num_query = 32
 video_fps = 1
 learning_rate = 1e-3
 global_batch_size = 256

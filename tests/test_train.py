@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import train
 from data import LLaVADataset, Tokenizer, collate, length_grouped_order
 from media import import_feature_pkl, write_video
-from checkpoint import checkpoint_files, iter_tensors
+from checkpoint import TRAIN_STATE, checkpoint_files, iter_tensors, latest_checkpoint
 from model import LlamaVID
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def test_learning_rate_schedules():
     """Hand-computed rates: 10 warm-up steps of 100, then a cosine to min_lr, or wsd's plateau and linear fall
     over the last 20 steps."""
     cfg = {"learning_rate": 1.0, "min_lr": 0.1, "warmup_ratio": 0.1, "cooldown_ratio": 0.2}
-    cosine, wsd = {**cfg, "lr_schedule": "cosine"}, {**cfg, "lr_schedule": "wsd"}
+    cosine, wsd = train.Config(**cfg, lr_schedule="cosine"), train.Config(**cfg, lr_schedule="wsd")
     for sched in (cosine, wsd):
         assert [train.lr_at(s, 100, sched) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert train.lr_at(10, 100, cosine) == pytest.approx(1.0)
@@ -169,7 +169,43 @@ def test_learning_rate_schedules():
 
 def test_unknown_setting_is_refused():
     with pytest.raises(ValueError, match="unknown setting --learnig_rate"):
-        train.apply_overrides(["--learnig_rate=1"], {"learning_rate": 1e-3})
+        train.get_config(["--learnig_rate=1"])
+
+
+def test_config_file_then_overrides_over_fresh_defaults(tmp_path):
+    """A config file sets settings and may define helper names of its own; --key=value reads Python literals,
+    else plain strings, and overrides what came before it; each call starts from the defaults again (tests and
+    scripts run main several times in one process)."""
+    config = tmp_path / "run.py"
+    config.write_text("root = 'runs'\nout_dir = root + '/a'\nllm_config = dict(dim=8)\nlearning_rate = 1e-3\n")
+    c = train.get_config([str(config), "--learning_rate=3e-4", "--compress_type=None", "--image_folder=",
+                          "--template=vicuna_v1", "--betas=(0.8, 0.9)"])
+    assert (c.out_dir, c.llm_config, c.learning_rate) == ("runs/a", {"dim": 8}, 3e-4)
+    assert c.compress_type is None and c.image_folder == "" and c.template == "vicuna_v1" and c.betas == (0.8, 0.9)
+    assert not hasattr(c, "root")
+    c.llm_config["n_layers"] = 2
+    fresh = train.get_config([])
+    assert (fresh.out_dir, fresh.llm_config, fresh.learning_rate, fresh.compress_type) == ("out/run", {}, 2e-5, "mean")
+
+
+@pytest.mark.parametrize("args, error", [(["--learnig_rate=1"], "unknown setting --learnig_rate"),
+                                         (["config/missing.py"], "config file config/missing.py does not exist"),
+                                         (["--stage=4"], "stage 4 is not one of 1, 2, 3")])
+def test_user_mistakes_are_one_line_errors(args, error):
+    res = subprocess.run([sys.executable, "train.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "\n" not in res.stderr.strip() and res.stderr.startswith(f"error: {error}"), res.stderr
+
+
+def test_log_line_says_where_the_time_goes(fixtures, dataset, tmp_path, capsys):
+    """Every log_interval-th step prints its loss and rate, the time blocked on the loader, in forward + backward
+    and in the optimizer step, and the tokens a second since the last line."""
+    run(stage2_args(fixtures, dataset), tmp_path / "o", max_steps=4, log_interval=2, save_checkpoints=False)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["step"] for line in lines] == [2, 4]
+    for line in lines:
+        assert line["data_ms"] >= 0 and line["fwd_bwd_ms"] > 0 and line["optim_ms"] > 0 and line["tokens/s"] > 0
+        assert np.isfinite(line["loss"]) and line["lr"] > 0
 
 
 # --- the dataset ---------------------------------------------------------------------------------------------
@@ -329,8 +365,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(fixtures, dataset, 
     monkeypatch.setattr(torch, "save", real)
     after = weights(out)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    ckpt, step = train.latest_checkpoint(out)
-    assert step == 2 and torch.load(ckpt / train.TRAIN_STATE, weights_only=True)["step"] == 2
+    ckpt, step = latest_checkpoint(out)
+    assert step == 2 and torch.load(ckpt / TRAIN_STATE, weights_only=True)["step"] == 2
     LlamaVID.from_pretrained(out)  # still a whole checkpoint
     assert len(run(stage2_args(fixtures, dataset), out, max_steps=4)) == 2  # and it resumes from step 2
 

@@ -50,7 +50,7 @@ class Config:
     token_config: dict = field(default_factory=dict)   # its "qformer": fields of tokens.QFormerConfig
     # what the model sees
     image_size: int = 224
-    compress_type: str = "mean"      # content tokens a frame: "mean", "grid:g" or None (every patch)
+    compress_type: str | None = "mean"  # content tokens a frame: "mean", "grid:g" or None (every patch)
     bert_type: str = "qformer_pretrain"
     video_fps: float = 1.0
     max_frames: int = 0              # 0 = no cap
@@ -235,11 +235,6 @@ def build(c, p, ckpt):
     files["vocab.txt"] = Path(vocab).read_bytes()
     model = build_model(c, init_from, p.device, vocab)
     set_trainable(model, c.stage)
-    if p.rank == 0:
-        n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
-        print(f"stage {c.stage}: {n_train / 1e6:.2f}M trainable of "
-              f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters; {p.world} process(es), "
-              f"micro batch {c.micro_batch_size}, accumulation {c.global_batch_size // (c.micro_batch_size * p.world)}")
     lora_cfg = None
     if c.lora:
         lora_cfg = LoRAConfig(r=c.lora_r, alpha=c.lora_alpha, dropout=c.lora_dropout)
@@ -249,6 +244,11 @@ def build(c, p, ckpt):
         if c.lora_base_quant:
             quantize_base(model, c.lora_base_quant)
         model.to(p.device)
+    if p.rank == 0:
+        n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        print(f"stage {c.stage}: {n_train / 1e6:.2f}M trainable of "
+              f"{sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters; {p.world} process(es), "
+              f"micro batch {c.micro_batch_size}, accumulation {c.global_batch_size // (c.micro_batch_size * p.world)}")
     model.llm.gradient_checkpointing = c.gradient_checkpointing
     if c.compile:
         for block in model.llm.layers:  # regional compilation: compiled once, reused by every layer
@@ -453,8 +453,8 @@ def main(argv, return_model=False):
         save_checkpoint(c, p, model, optimizer, step, losses, files, lora_cfg)
     losses = train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save)
     if p.rank == 0:
-        print(f"done: {total} steps, final loss {losses[-1] if losses else float('nan'):.4f}, checkpoint in "
-              f"{c.out_dir}")
+        print(f"done: {total} steps, final loss {losses[-1] if losses else float('nan'):.4f}"
+              + (f", checkpoint in {c.out_dir}" if c.save_checkpoints else ""))
     if p.world > 1:
         dist.barrier()  # every process returns once process 0 has written the checkpoint (a next stage reads it)
     return (losses, model) if return_model else losses

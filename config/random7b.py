@@ -1,6 +1,7 @@
 # Stage 2 at Vicuna-7B / EVA-g / BERT-base shapes with random weights and synthetic data: measures FSDP2
 # sharding, memory and throughput without any download. `.gpu/` holds a tokenizer, a WordPiece vocabulary
-# and a LLaVA-format JSON of ~1,500-token image conversations.
+# and a LLaVA-format JSON of ~1,500-token image and 64-frame video conversations:
+#   python bench.py --train-data .gpu             # once
 #   torchrun --nproc_per_node=2 train.py config/random7b.py
 stage = 2
 init_from = "scratch"
@@ -11,6 +12,7 @@ tokenizer_dir = ".gpu"
 bert_path = ".gpu"
 data_path = ".gpu/data.json"
 image_folder = ".gpu"
+video_folder = ".gpu"
 global_batch_size = 8
 micro_batch_size = 2
 max_steps = 6

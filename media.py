@@ -246,13 +246,33 @@ def write_video(path, frames, fps, times=None, codec="libx264", rotation=0, hfli
         if rotation or hflip:
             stream.set_display_rotation(rotation, hflip=hflip)
         for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame = yuv_frame(image, stream.pix_fmt)
             if times is None:
                 frame.pts = i
             else:
                 frame.pts, frame.time_base = round(times[i] / VFR_TIME_BASE), VFR_TIME_BASE
             container.mux(stream.encode(frame))
         container.mux(stream.encode())  # flush the encoder's delayed frames
+
+
+def yuv_frame(image, pix_fmt):
+    """An RGB image as a frame in the encoder's pixel format, converted here rather than by FFmpeg's swscale,
+    whose SIMD conversion can round differently from one process to the next (the same clip then encodes to other
+    bytes). BT.601 with the limited range, as swscale's default and what decoding assumes; 4:2:0 chroma is the
+    mean of each 2 x 2 block."""
+    if pix_fmt not in ("yuv420p", "yuv444p") or (pix_fmt == "yuv420p" and (image.shape[0] % 2 or image.shape[1] % 2)):
+        return av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+    r, g, b = np.moveaxis(image.astype(np.float64), -1, 0)
+    y = 16 + (65.481 * r + 128.553 * g + 24.966 * b) / 255
+    u = 128 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255
+    v = 128 + (112.0 * r - 93.786 * g - 18.214 * b) / 255
+    to_uint8 = lambda c: np.clip(np.rint(c), 0, 255).astype(np.uint8)  # noqa: E731
+    if pix_fmt == "yuv444p":
+        return av.VideoFrame.from_ndarray(to_uint8(np.stack([y, u, v])), format="yuv444p")
+    H, W = y.shape
+    half = lambda c: to_uint8(c.reshape(H // 2, 2, W // 2, 2).mean((1, 3))).ravel()  # noqa: E731
+    planes = np.concatenate([to_uint8(y).ravel(), half(u), half(v)])  # the layout PyAV reads: Y, then U, then V
+    return av.VideoFrame.from_ndarray(planes.reshape(H * 3 // 2, W), format="yuv420p")
 
 
 def content_hash(path):

@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from checkpoint import (LATEST, TOKENIZER_FILES, TRAIN_STATE, find_bert_vocab, install, latest_checkpoint,
-                        read_train_state, write_checkpoint, write_model_files)
+from checkpoint import (LATEST, TOKENIZER_FILES, TRAIN_STATE, checkpoint_dir, find_bert_vocab, install, is_hub_id,
+                        latest_checkpoint, read_train_state, write_checkpoint, write_model_files)
 from data import LLaVADataset, Tokenizer, collate, length_grouped_order
 from lora import LoRAConfig, apply_lora, load_adapters, merged_state_dict, quantize_base, save_adapters
 from model import LLaMA, LlamaVID, LlamaVIDConfig, LLaMAConfig, peak_flops, training_flops
@@ -125,7 +125,7 @@ def get_config(argv) -> Config:
     return c
 
 
-# which parts train in each stage (SPEC: Training recipe); EVA never trains
+# which parts train in each stage (the original's recipe); EVA never trains
 TRAINABLE = {
     1: ("visual.mm_projector", "visual.vlm_att_projector", "visual.vlm_att_key_projector",
         "visual.vlm_att_val_projector"),
@@ -227,8 +227,9 @@ def build(c, p, ckpt):
     """(model, tokenizer, files every checkpoint carries beside the weights, LoRA config or None)."""
     # a resumed run rebuilds from its own last checkpoint (a LoRA run: its base, then its adapters)
     init_from = str(ckpt) if ckpt is not None and not c.lora else c.init_from
-    source = Path(init_from if init_from not in ("", "scratch") else c.llm_path or c.tokenizer_dir)
-    vocab = find_bert_vocab(source, c.bert_path or None)
+    named = init_from if init_from not in ("", "scratch") else c.llm_path or c.tokenizer_dir
+    source = checkpoint_dir(named)  # a Hugging Face Hub id works too: a released checkpoint to fine-tune
+    vocab = find_bert_vocab(source, c.bert_path or None, download=is_hub_id(named))
     tokenizer = Tokenizer(source)
     # read now: a resumed run's source is a checkpoint that its next save removes
     files = {n: (source / n).read_bytes() for n in TOKENIZER_FILES if (source / n).is_file()}

@@ -292,3 +292,21 @@ def test_sample_command_by_hub_id(served, fixtures, monkeypatch, tmp_path):
     p = subprocess.run([sys.executable, str(root / "sample.py"), "--model-path", "YanweiLi/other", *map(str, args)],
                        cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ), timeout=120)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("error:"), p.stderr
+
+
+def test_train_fine_tunes_a_checkpoint_by_hub_id(served, fixtures, monkeypatch, tmp_path):
+    """train.py's init_from takes a Hub id: two stage-2 steps from the served checkpoint, the same losses as from
+    the local directory."""
+    import json
+    import train
+    use_hub(monkeypatch, tmp_path, served.url)
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A picture."}]
+    (tmp_path / "data.json").write_text(json.dumps([{"id": k, "image": str(fixtures / "cases" / "image.png"),
+                                                     "conversations": conv} for k in range(4)]))
+    common = [f"--data_path={tmp_path / 'data.json'}", "--global_batch_size=2", "--micro_batch_size=2",
+              "--max_steps=2", "--num_workers=0", "--dropout=0.0", "--save_checkpoints=False"]
+    local = train.main(common + [f"--init_from={fixtures / 'video'}", f"--out_dir={tmp_path / 'a'}",
+                                 f"--vision_path={fixtures / 'eva_vit_g.pth'}",
+                                 f"--bert_path={fixtures / 'bert-base-uncased'}"])
+    by_id = train.main(common + [f"--init_from={REPO}", f"--out_dir={tmp_path / 'b'}"])
+    assert by_id == local and len(by_id) == 2

@@ -240,7 +240,7 @@ def merge_lora(model):
 @torch.no_grad()
 def merged_state_dict(model, state: Optional[dict] = None) -> dict:
     """A state dict with every LoRA layer folded into a plain weight (layers.0.attention.wq.weight), ready for
-    train.py's to_original_keys: a full checkpoint that LlamaVID.from_pretrained loads without peft.
+    checkpoint.to_original_keys: a full checkpoint that LlamaVID.from_pretrained loads without peft.
     state: the (gathered, full) state dict to use instead of model.state_dict(); the model gives the scalings."""
     state = dict(model.state_dict() if state is None else state)
     prefix = "llm." if hasattr(model, "llm") else ""

@@ -4,7 +4,7 @@
 #   python train.py config/shapes_stage1.py
 import torch
 
-torch.set_num_threads(2)  # the numbers in the README were measured on 2 CPU cores
+torch.set_num_threads(2)  # the quick start's figures (README, docs/LOG.md) were measured on 2 CPU cores
 
 data_dir = "out/shapes_data"
 stage = 1
@@ -27,7 +27,7 @@ token_config = dict(qformer=dict(hidden_size=64, num_layers=2, intermediate_size
 compress_type = "mean"              # as the released video models: a frame = its context token + one pooled token
 max_len = 512
 
-seed = 2                            # also draws the random EVA, which stays frozen: see the README for other seeds
+seed = 2                            # also draws the random EVA, which stays frozen: other seeds in docs/LOG.md
 learning_rate = 3e-3
 max_steps = 30
 global_batch_size = 8

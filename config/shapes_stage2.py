@@ -3,7 +3,7 @@
 #   python train.py config/shapes_stage2.py
 import torch
 
-torch.set_num_threads(2)  # the numbers in the README were measured on 2 CPU cores
+torch.set_num_threads(2)  # the quick start's figures (README, docs/LOG.md) were measured on 2 CPU cores
 
 data_dir = "out/shapes_data"
 stage = 2
@@ -25,7 +25,7 @@ global_batch_size = 8
 micro_batch_size = 8
 warmup_ratio = 0.05
 lr_schedule = "wsd"                 # the full rate after the warm-up, then a linear cool-down over the last fifth
-cooldown_ratio = 0.2                # to a tenth of it: 1-14 more points on time order in matched runs (README)
+cooldown_ratio = 0.2                # to a tenth of it (matched runs with and without it: docs/LOG.md)
 min_lr = 3e-5                       # (a cosine from the start stalls the slow visual skills)
 weight_decay = 0.0
 dropout = 0.0

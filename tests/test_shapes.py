@@ -147,7 +147,7 @@ def test_quick_start_end_to_end(tmp_path):
     vary from process to process.)
     A model that does not read the visual tokens stays at the commonest answer of each question type; this one
     must beat that by 8 points overall and by 15 on the colour and change questions together, and lose 10
-    points overall when its context tokens are zeroed (the README gives what runs here scored)."""
+    points overall when its context tokens are zeroed (docs/LOG.md gives what runs here scored)."""
     data, s1, s2 = tmp_path / "data", tmp_path / "s1", tmp_path / "s2"
     where = [f"--video_folder={data}", f"--bert_path={data / 'bert'}"]
     commands = [

@@ -139,10 +139,10 @@ def _upright(frame):
     """The frame as an RGB uint8 array turned the way players show it. Phones store portrait video as landscape
     pixels plus a display matrix; we apply it as FFmpeg's autorotate does, mirror images included."""
     image = frame.to_ndarray(format="rgb24")
-    matrix = next((np.frombuffer(bytes(d), np.int32) for d in frame.side_data
-                   if d.type == av.sidedata.sidedata.Type.DISPLAYMATRIX), None)
-    if matrix is None:
+    side = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)  # (a mapping by type, in every PyAV)
+    if side is None:
         return image
+    matrix = np.frombuffer(bytes(side), np.int32)
     # FFmpeg's layout [a b u; c d v; x y w] sends a stored pixel (p, q) (q pointing down) to the displayed
     # (a p + c q, b p + d q). Angles between quarter turns snap to the nearest one.
     a, b, c, d = (int(v) for v in matrix[[0, 1, 3, 4]])

@@ -238,9 +238,8 @@ class Chat:
         ids = self.prompt_ids(question)
         n = self.prompt_length(ids)
         self.check_context(n)
-        if n + max_new_tokens > self.context:  # the answer may use what is left, no more
-            max_new_tokens = self.context - n
-            print(f"note: {max_new_tokens} tokens of context left; the answer stops there", file=sys.stderr)
+        cut = n + max_new_tokens > self.context  # the answer may use what is left, no more
+        max_new_tokens = min(max_new_tokens, self.context - n)
         if debug:
             print(f"[prompt, {n} tokens] {self.prompt_text(question)}", file=sys.stderr, flush=True)
         if self.media is not None and self.media.features is None:  # EVA once; every later turn reuses it
@@ -251,6 +250,9 @@ class Chat:
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_id=None,
                             callback=stream, generator=generator, compile=self.compile)
         answer = stream.finish()
+        if cut and stream.finish_reason == "length":
+            print(f"\nnote: the answer stopped at the end of the model's context ({self.context} tokens)",
+                  file=sys.stderr)
         self.reply = Reply(answer, stream.finish_reason, n, stream.count)
         self.messages += [("USER", question), ("ASSISTANT", answer.strip())]
         return answer.strip()

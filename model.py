@@ -560,19 +560,25 @@ class LlamaVID(nn.Module):
                 short.append(b)
         if not short:
             return out
-        feats = [media[b].features for b in short]
-        todo = [i for i, f in enumerate(feats) if f is None]  # still pixels
+        feats = [m.features for m in self.encode_media([media[b] for b in short])]
+        for b, v in zip(short, self.visual.forward_many(feats, [prompts[b] for b in short])):
+            out[b] = v
+        return out
+
+    def encode_media(self, media: list) -> list:
+        """The media with EVA's features in place of pixels, those of every item of the batch in one call (None
+        and items already encoded pass through)."""
+        todo = [i for i, m in enumerate(media) if m is not None and m.features is None]
         if todo and self.vision is None:
             raise ValueError("this model was loaded without its vision tower; give EVA features instead of pixels")
-        pixels = [media[short[i]].pixels for i in todo]
+        pixels = [media[i].pixels for i in todo]
         if todo and len({p.shape[1:] for p in pixels}) == 1:
             encoded = self.encode(torch.cat(pixels)).split([len(p) for p in pixels])
         else:
             encoded = [self.encode(p) for p in pixels]
+        out = list(media)
         for i, f in zip(todo, encoded):
-            feats[i] = f
-        for b, v in zip(short, self.visual.forward_many(feats, [prompts[b] for b in short])):
-            out[b] = v
+            out[i] = Media(media[i].kind, features=f, times=media[i].times, text=media[i].text)
         return out
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:

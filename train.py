@@ -478,7 +478,7 @@ def train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save)
         lr = lr_at(step, total, c)
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale
-        t_data = t_model = 0.0
+        t_data = t_eva = t_model = 0.0
         step_loss = torch.zeros((), device=p.device)
         for _ in range(accum):
             t0 = time.perf_counter()
@@ -491,6 +491,12 @@ def train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save)
                 batch = blank_batch(tokenizer)  # the other processes wait for this one's collectives
             t0 = time.perf_counter()
             media = [m.to(p.device) if m is not None else None for m in batch["media"]]
+            with torch.no_grad(), p.autocast():  # the frozen EVA first, so that its time shows apart
+                media = model.encode_media(media)
+            if timed:
+                p.sync()
+            t_eva += time.perf_counter() - t0
+            t0 = time.perf_counter()
             with p.autocast():
                 logits, loss = model(batch["input_ids"].to(p.device), media, batch["prompts"],
                                      attention_mask=batch["attention_mask"].to(p.device),
@@ -517,7 +523,8 @@ def train(c, p, model, optimizer, scales, batches, tokenizer, step, total, save)
         if p.rank == 0 and step % c.log_interval == 0:
             dt = time.perf_counter() - t_log
             msg = {"step": step, "loss": round(losses[-1], 4), "lr": lr, "data_ms": round(1e3 * t_data, 1),
-                   "fwd_bwd_ms": round(1e3 * t_model, 1), "optim_ms": round(1e3 * t_optim, 1),
+                   "eva_ms": round(1e3 * t_eva, 1), "fwd_bwd_ms": round(1e3 * t_model, 1),
+                   "optim_ms": round(1e3 * t_optim, 1),
                    "tokens/s": round(tokens / dt)}
             if peak:
                 msg["mfu"] = round(flops / dt / (peak * p.world), 4)

@@ -205,6 +205,7 @@ def test_log_line_says_where_the_time_goes(fixtures, dataset, tmp_path, capsys):
     assert [line["step"] for line in lines] == [2, 4]
     for line in lines:
         assert line["data_ms"] >= 0 and line["fwd_bwd_ms"] > 0 and line["optim_ms"] > 0 and line["tokens/s"] > 0
+        assert line["eva_ms"] > 0  # the frozen EVA, timed apart from the forward and backward
         assert np.isfinite(line["loss"]) and line["lr"] > 0
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from checkpoint import (TOKEN_PREFIXES, VISION_PREFIX, check_config, checkpoint_dir, find_bert_vocab,
                         find_vision_weights, hf_to_ours, is_hub_id, load_weights, read_config)
@@ -218,7 +219,6 @@ def attention(q, k, v, mask: Optional[torch.Tensor] = None, causal: bool = False
     if causal and mask is None and q.shape[2] != k.shape[2]:
         # a prefill chunk after cached tokens: the causal mask aligned to the bottom right, which SDPA's flash and
         # memory-efficient kernels apply themselves (no (Tq, Tk) mask in memory, and flash stays usable)
-        from torch.nn.attention.bias import causal_lower_right
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2]))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 

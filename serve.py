@@ -35,6 +35,17 @@ from checkpoint import is_hub_id
 from media import content_hash, count_frames, encode_frames, iter_video, load_image, movie_prompt, preprocess_images
 from model import IMAGE_TOKEN, Media
 
+try:  # the server's extras (pip install -r requirements-serve.txt); the model needs none of them
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from starlette.datastructures import Headers
+    from starlette.exceptions import HTTPException
+    MISSING = None
+except ImportError as e:
+    MISSING = e.name
+
 EVA_BATCH = 32        # frames per vision-tower call: an hour of video never goes through EVA at once
 THUMBNAILS = 32       # at most this many frame previews per video (evenly spread) for the page
 THUMBNAIL_SIZE = 160  # px, the longer side of a preview
@@ -623,8 +634,6 @@ class SameSite:
         self.app, self.hosts, self.origins = app, hosts, origins
 
     async def __call__(self, scope, receive, send):
-        from fastapi.responses import JSONResponse
-        from starlette.datastructures import Headers
         if scope["type"] == "http":
             headers = Headers(scope=scope)
             error = foreign_request(headers.get("host"), headers.get("origin"), self.hosts, self.origins)
@@ -634,10 +643,6 @@ class SameSite:
 
 
 def build_app(engine: Engine, cfg: dict):
-    from fastapi import FastAPI, Request
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-    from starlette.exceptions import HTTPException
     app = FastAPI(title="LLaMA-VID", docs_url=None, redoc_url=None, openapi_url=None)
     origins = cfg["allowed_origins"]
     if origins:  # their pages' fetches need CORS answers (a JSON POST is preflighted)
@@ -867,11 +872,8 @@ def make_cfg(args, model_path, long_video):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:  # the server is an optional extra: say how to get it, before minutes of loading a model
-        import fastapi  # noqa: F401 (build_app's)
-        import uvicorn
-    except ImportError as e:
-        sys.exit(f"error: serve.py needs {e.name}, which is not installed: pip install -r requirements-serve.txt")
+    if MISSING:  # said before minutes of loading a model
+        sys.exit(f"error: serve.py needs {MISSING}, which is not installed: pip install -r requirements-serve.txt")
     model, tokenizer, _ = chat.load_model_from_args(args)
     engine = Engine(model, tokenizer, args)
     # a LoRA run is served under its own name, not its base's

@@ -89,8 +89,7 @@ def cleanup(dynamo=False):
     if dynamo:
         try:
             torch._dynamo.reset()
-            from torch._inductor import cudagraph_trees
-            cudagraph_trees.reset_cudagraph_trees()
+            torch._inductor.cudagraph_trees.reset_cudagraph_trees()
         except Exception:  # noqa: BLE001 - best effort: a torch without these keeps its memory a little longer
             pass
     gc.collect()

@@ -254,8 +254,8 @@ def load_textvqa(args):
 
 
 def textvqa_key(question_id, prompt):
-    """eval_textvqa.py reads each answer line on its own: its question_id (the image's) and the question parsed
-    from its prompt find the annotation, so that pair is what matches an answer to its question."""
+    """eval_textvqa.py reads each answer line on its own: its question_id (the image's) and the question it parses
+    out of its prompt find the annotation, so that pair is what matches an answer to its question."""
     return str(question_id), textvqa_question(prompt_of(question_id, prompt, "eval_textvqa.py"))
 
 

@@ -276,8 +276,8 @@ BERT_ID = "bert-base-uncased"  # the Q-Former's WordPiece vocabulary, on the Hug
 
 
 def find_bert_vocab(model_dir: Path, bert_path=None, download: bool = False) -> Path:
-    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it); with download, fetched
-    from the Hugging Face Hub into its cache when found nowhere locally."""
+    """bert-base-uncased's vocab.txt for the Q-Former's tokenizer (no checkpoint holds it); with download, the
+    Hugging Face Hub's copy, fetched into its cache, when none is found locally."""
     candidates = []
     if bert_path:
         p = Path(bert_path)

@@ -241,6 +241,7 @@ def write_video(path, frames, fps, times=None, codec="libx264", rotation=0, hfli
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
         stream.options = dict(options or {})
+        stream.codec_context.thread_count = 1  # one encoder thread: the same frames always give the same bytes
         if times is not None:
             stream.codec_context.time_base = VFR_TIME_BASE
         if rotation or hflip:

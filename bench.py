@@ -25,7 +25,7 @@ from chat import ArgumentParser
 from generate import PREFILL_CHUNK, generate
 from lora import LoRAConfig, apply_lora, quantize_base
 from media import encode_frames, iter_video
-from model import Block, LLaMA, LLaMAConfig, LlamaVID, LlamaVIDConfig, RMSNorm, peak_flops, training_flops
+from model import Block, LLaMA, LLaMAConfig, LlamaVID, LlamaVIDConfig, Media, RMSNorm, peak_flops, training_flops
 from quantize import Int4Linear, quantize_linear, quantize_model
 from shapes import write_tokenizer
 from tokens import TokenConfig, VisualTokenizer, _projector
@@ -901,7 +901,7 @@ def section_10():
     # warm-up: the decoder library, EVA's and the Q-Former's kernels, cuBLAS heuristics, a short prefill
     warm, _ = encode_frames(model, iter_video(path, fps=fps, max_frames=64), batch_size=64, keep_on_device=True,
                             progress=False)
-    emb = movie_embeds_from(llm, visual(warm[:, 1:], [question], long_video=True), 512)
+    emb = movie_embeds_from(llm, model.media_tokens([Media("movie", features=warm)], [[question]])[0], 512)
     generate(llm, emb, 1, eos_id=None)
     del warm, emb
     llm.clear_cache()
@@ -915,7 +915,7 @@ def section_10():
                                  stats=stats, progress=False)  # the timings below are the report
         sync()
         times["decode+EVA"] = time.perf_counter() - t0
-        tokens = visual(feats[:, 1:], [question], long_video=True)  # the movie model takes the patches, no cls
+        tokens = model.media_tokens([Media("movie", features=feats)], [[question]])[0]
         emb = movie_embeds_from(llm, tokens, None)
         sync()
         times["Q-Former"] = time.perf_counter() - t0 - times["decode+EVA"]

@@ -73,8 +73,9 @@ def load_media(question, folder, model, fps, max_frames):
 
 
 def read_answers(path, mid=None):
-    """The answer records of a .jsonl, in file order. mid: only those these weights wrote (the others are
-    dropped from the file, so a rerun with other weights answers afresh); None: all, the file must exist."""
+    """The answer records of a .jsonl, in file order. mid: only those these weights wrote (a file holding others
+    is moved aside, whole, and this one rewritten with them alone, so a rerun with other weights answers afresh
+    and nothing is lost); None: all, the file must exist."""
     path = Path(path)
     if not path.is_file():
         if mid is not None:
@@ -94,9 +95,12 @@ def read_answers(path, mid=None):
             print(f"warning: {path} holds answers of several weights", file=sys.stderr)
         return records
     kept = [r for r in records if r.get("model_id") == mid]
-    if len(kept) != len(records):
-        print(f"{path}: {len(records) - len(kept)} answer(s) of other weights dropped", file=sys.stderr)
+    if len(kept) != len(records):  # other weights' answers (or the original's file): kept aside, never lost
+        aside = path.with_name(f"{path.stem}.before-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        path.replace(aside)
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        print(f"{path}: {len(records) - len(kept)} answer(s) of other weights moved aside with the rest to {aside}",
+              file=sys.stderr)
     return kept
 
 

@@ -746,3 +746,17 @@ def test_command_line_refuses_a_partial_answers_file(tmp_path):
     done = subprocess.run(argv + ["--allow-partial"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "normal: PARTIAL, 2 of 3 questions answered" in done.stdout
+
+
+def test_answers_of_other_weights_are_moved_aside_not_lost(tmp_path):
+    """Answering into a file that holds other weights' answers (an earlier model's, or the original's file given
+    as --answers) keeps that file whole beside the new one; it used to be rewritten without them."""
+    lines = [{"question_id": 1, "text": "yes", "model_id": "other"}, {"question_id": 2, "text": "no", "model_id": "mine"},
+             {"question_id": 3, "text": "no", "prompt": "written by the original's model_vqa.py"}]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    before = path.read_bytes()
+    assert E.read_answers(path, "mine") == [lines[1]]
+    asides = [p for p in tmp_path.iterdir() if p != path]
+    assert len(asides) == 1 and asides[0].read_bytes() == before
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [lines[1]]

@@ -303,7 +303,9 @@ def test_vision_weights_of_another_width(fixtures, media, tmp_path):
                            "--video", media / "clip.mp4", "--question", "hi", *CPU), str(wide), "mm_hidden_size")
 
 
-def test_prompt_longer_than_context(fixtures, models, media, tmp_path):
+def with_context(fixtures, models, media, tmp_path, room):
+    """(n, a copy of the video checkpoint whose context is n + room tokens, the flags that find its EVA and BERT
+    files) where n is the length of the clip's prompt with the question "hi"."""
     model, tok = models("video")
     frames, _ = load_video(media / "clip.mp4", fps=1.0)
     pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / "video")))
@@ -312,9 +314,13 @@ def test_prompt_longer_than_context(fixtures, models, media, tmp_path):
         n = model.embed(torch.tensor(ids)[None], [pixels], [["hi"]])[0].shape[1]
     ckpt = copy_checkpoint(fixtures, "video", tmp_path)
     cfg = config(ckpt)
-    cfg["max_position_embeddings"], cfg["rope_scaling"] = n - 1, None
+    cfg["max_position_embeddings"], cfg["rope_scaling"] = n + room, None
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    side = ["--vision-path", fixtures / "eva_vit_g.pth", "--bert-path", fixtures / "bert-base-uncased"]
+    return n, ckpt, ["--vision-path", fixtures / "eva_vit_g.pth", "--bert-path", fixtures / "bert-base-uncased"]
+
+
+def test_prompt_longer_than_context(fixtures, models, media, tmp_path):
+    n, ckpt, side = with_context(fixtures, models, media, tmp_path, -1)
     assert_user_error(*run("--model-path", ckpt, *side, "--video", media / "clip.mp4", "--question", "hi", *CPU),
                       f"{n} tokens", "--fps", "--max-frames")
 
@@ -350,17 +356,7 @@ def test_bad_options_and_subtitles(fixtures, media, tmp_path):
 
 def test_interactive_chat_survives_a_question_too_long(fixtures, models, media, tmp_path):
     """A question that does not fit what is left of the context is refused in one line, and the chat goes on."""
-    model, tok = models("video")
-    frames, _ = load_video(media / "clip.mp4", fps=1.0)
-    pixels = Media("video", pixels=preprocess_frames(frames, image_size(fixtures / "video")))
-    ids = tokenize_with_images(build_prompt([("USER", IMAGE_TOKEN + "\nhi"), ("ASSISTANT", None)], "vicuna_v1"), tok)
-    with torch.no_grad():
-        n = model.embed(torch.tensor(ids)[None], [pixels], [["hi"]])[0].shape[1]
-    ckpt = copy_checkpoint(fixtures, "video", tmp_path)
-    cfg = config(ckpt)
-    cfg["max_position_embeddings"], cfg["rope_scaling"] = n + 40, None
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    side = ["--vision-path", fixtures / "eva_vit_g.pth", "--bert-path", fixtures / "bert-base-uncased"]
+    _, ckpt, side = with_context(fixtures, models, media, tmp_path, 40)
     long_question = " ".join(["why"] * 200)
     rc, out, err = run("--model-path", ckpt, *side, "--video", media / "clip.mp4", *CPU,
                        stdin=f"{long_question}\nhi\n".encode())

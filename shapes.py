@@ -26,7 +26,10 @@ NUMBERS = ("none", "one", "two", "three")
 TIME_ORDER_TYPES = ("after", "before", "order")  # answerable only by comparing the frames in order
 QUESTION_TYPES = TIME_ORDER_TYPES + ("colour", "change", "count")
 BACKGROUND = 120  # a grey near CLIP's mean: after normalisation the background is ~0, the shapes stand out
-SHAPES_VERSION = 7  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
+# near-lossless H.264; x264's macroblock tree (its rate control looking ahead) made about 1 clip in 300 encode to
+# other bytes from one process to another: without it the same clips are the same files
+CLIP_ENCODING = {"crf": "10", "mbtree": "0"}
+SHAPES_VERSION = 8  # written to manifest.json: a dataset of another version (or other arguments) is rewritten
 
 
 def shapes_clip(rng, frames=16, size=64):
@@ -155,7 +158,7 @@ def write_shapes_clip(path, seed, frames=16, size=64, fps=2):
     """Write one clip (a fresh one for any seed) and return (clip description, {type: (question, answer)})."""
     rng = random.Random(f"shapes-clip-{seed}")
     clip = shapes_clip(rng, frames, size)
-    write_video(path, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
+    write_video(path, render_shapes_clip(clip), fps=fps, options=CLIP_ENCODING)
     questions = {kind: shapes_question(clip, kind, rng) for kind in QUESTION_TYPES}
     return clip, {kind: qa for kind, qa in questions.items() if qa is not None}
 
@@ -199,7 +202,7 @@ def make_shapes_dataset(out_dir, n_train=2000, n_val=300, seed=0, frames=16, siz
                 if qa is not None:
                     break
             video = f"videos/{split}_{i:05d}.mp4"
-            write_video(out / video, render_shapes_clip(clip), fps=fps, options={"crf": "10"})
+            write_video(out / video, render_shapes_clip(clip), fps=fps, options=CLIP_ENCODING)
             if split == "val":
                 q, a = qa
                 val.append({"id": f"val_{i:05d}", "video": video, "type": kind, "conversations": [

@@ -638,13 +638,11 @@ def section_6():
 # ----------------------------------------------------------------------------------------------------------
 # 7. training steps: stage 1 (LLM frozen, projector trained) at 7B, stage 2 (all trained) at a depth that fits
 
-def step_flops(llm, proj, sequences):
-    """Model FLOPs of a training step over `sequences` of train_len tokens, the MFU footnote's definition: the LLM's
-    by model.training_flops (train.py's, which counts the weights that require grad as trained: set them before
-    calling) plus 6 a weight per visual token for the projector, which trains in every stage."""
-    T, n_vis = S["train_len"], S["train_vis"]
-    n_proj = sum(p.numel() for p in proj.parameters())
-    return training_flops(llm, sequences * T, T) + 6 * n_proj * sequences * n_vis
+def step_flops(llm, sequences):
+    """Model FLOPs of a training step over `sequences` of train_len tokens: model.training_flops, the definition
+    train.py reports against (it counts the weights that require grad as trained: set them before calling)."""
+    T = S["train_len"]
+    return training_flops(llm, sequences * T, T)
 
 
 def train_step_fn(llm, proj, feats, ids, labels, opt, autocast, accum=1):
@@ -690,9 +688,8 @@ def section_7():
         (f"{peak / 1e12:.0f} TFLOP/s for {torch.cuda.get_device_name()}" if peak else "unknown here") + "). "
         "Model FLOPs = model.training_flops, the definition train.py reports against (forward over the LLM's matmul "
         "weights, the gradients of the activations through every layer, those of the weights that train: none in "
-        "stage 1, all in stage 2; attention without the causal saving; no gradient-checkpoint recompute), plus 6 a "
-        "weight per visual token for the trained projector (bench.step_flops). The optimizer step's time is in the "
-        "step time.")
+        "stage 1, all in stage 2; attention without the causal saving; no gradient-checkpoint recompute; the "
+        "projector, EVA and the Q-Former not counted). The optimizer step's time is in the step time.")
     reps = max(3, S["reps"] + 2)
 
     with measure(7, f"stage 1 step: Vicuna-7B frozen + mlp2x_gelu projector trained, 1 x {T:,} tokens "
@@ -708,7 +705,7 @@ def section_7():
         reset_peak()
         t = timeit(step, reps)
         m.value = T / t
-        m.note = mfu_note(t, step_flops(llm, proj, 1))
+        m.note = mfu_note(t, step_flops(llm, 1))
     llm = proj = opt = step = None
     cleanup()
 
@@ -757,7 +754,7 @@ def section_7():
             m.value = B * accum * T / t
             n_params = sum(p.numel() for p in params)
             RESULTS["stage2_tps"] = m.value
-            m.note = mfu_note(t, step_flops(llm, proj, B * accum), f"; {n_params / 1e9:.2f} B params; depth chosen "
+            m.note = mfu_note(t, step_flops(llm, B * accum), f"; {n_params / 1e9:.2f} B params; depth chosen "
                               "to fit")
         llm = proj = opt = step = params = None
         cleanup()

@@ -224,8 +224,9 @@ class Chat:
         if n >= self.context:
             frames = self.media.frames if frames is None and self.media is not None else frames
             what = f" ({frames} frame{'s' if frames != 1 else ''})" if frames else ""
-            raise ValueError(f"the prompt is {n} tokens{what} but the model's context is {self.context} tokens: use "
-                             "fewer frames (--fps, --max-frames) or a shorter question / conversation")
+            fix = ("ask a shorter question, or start a new conversation" if self.messages else
+                   "use fewer frames (--fps, --max-frames) or a shorter question")
+            raise ValueError(f"the prompt is {n} tokens{what} but the model's context is {self.context} tokens: {fix}")
 
     @torch.no_grad()
     def ask(self, question, max_new_tokens=512, temperature=None, top_p=None, on_text=None, stop=(), generator=None,

@@ -138,8 +138,14 @@ def checkpoint_files(path: Path) -> list:
 
 
 def _first_line(e: Exception) -> str:
+    """An exception's first sentence, for a one-line message (torch's reader errors run on with advice)."""
     lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    if not lines:
+        return type(e).__name__
+    text = lines[0].split(". ")[0].rstrip(".")
+    if len(text) > 200:
+        text = text[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {text}"
 
 
 def load_pickle(file: Path):

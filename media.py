@@ -320,10 +320,11 @@ def load_subtitles(srt_path):
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         stamp = SRT_TIME.match(line)
-        if stamp and _srt_seconds(*stamp.groups()[4:]) < _srt_seconds(*stamp.groups()[:4]):
-            stamp = None  # ends before it starts
+        backwards = stamp and _srt_seconds(*stamp.groups()[4:]) < _srt_seconds(*stamp.groups()[:4])
+        if backwards:
+            stamp = None
         if not stamp and "->" in line:
-            broken.append(f"line {number}: {line[:60]!r}")
+            broken.append(f"line {number}: {line[:60]!r}" + (" ends before it starts" if backwards else ""))
             cue = None  # its text goes with no cue rather than onto the previous one
             continue
         if stamp:
@@ -339,8 +340,8 @@ def load_subtitles(srt_path):
         raise ValueError(f"{path} holds no subtitle cues (lines like '00:00:01,500 --> 00:00:03,000'); pass an "
                          f".srt file")
     if broken:
-        warnings.warn(f"{path}: {len(broken)} subtitle cue(s) skipped, their timestamps are unreadable ("
-                      f"{'; '.join(broken[:3])}); write them as 'HH:MM:SS,mmm --> HH:MM:SS,mmm'")
+        warnings.warn(f"{path}: {len(broken)} subtitle cue(s) skipped for their timestamps ({'; '.join(broken[:3])}); "
+                      "write them as 'HH:MM:SS,mmm --> HH:MM:SS,mmm', the end after the start")
     subtitles = []
     for start, end, lines in cues:
         words = " ".join(SRT_MARKUP.sub("", line) for line in lines).split()

@@ -310,3 +310,28 @@ def test_train_fine_tunes_a_checkpoint_by_hub_id(served, fixtures, monkeypatch, 
                                  f"--bert_path={fixtures / 'bert-base-uncased'}"])
     by_id = train.main(common + [f"--init_from={REPO}", f"--out_dir={tmp_path / 'b'}"])
     assert by_id == local and len(by_id) == 2
+
+
+def test_eval_and_serve_take_a_hub_id(served, fixtures, monkeypatch, tmp_path):
+    """eval.py --model-path OWNER/NAME gives the local checkpoint's answers; serve.py's command line loads the same
+    weights and serves them under the repository's name."""
+    import eval as E
+    import serve
+    from chat import load_model_from_args
+    use_hub(monkeypatch, tmp_path, served.url)
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps({"question_id": i, "image": "image.png", "category": "random", "label": "yes",
+                                     "text": f"Is there a thing {i} in the image?"}) + "\n" for i in range(2)))
+
+    def answers(model, out):
+        E.main(["--benchmark", "pope", "--model-path", str(model), "--questions", str(q), "--image-folder",
+                str(fixtures / "cases"), "--answers", str(out), "--batch-size", "2", "--max-new-tokens", "4",
+                "--device", "cpu", "--dtype", "float32"])
+        return [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert answers(REPO, tmp_path / "hub.jsonl") == answers(fixtures / "video", tmp_path / "local.jsonl")
+
+    args = serve.parse_args(["--model-path", REPO, "--device", "cpu", "--dtype", "float32"])
+    model, _, _ = load_model_from_args(args)
+    assert_same_model(model, LlamaVID.from_pretrained(fixtures / "video", vision_path=fixtures / "eva_vit_g.pth",
+                                                      bert_path=fixtures / "bert-base-uncased"))
+    assert serve.make_cfg(args, args.model_path, model.is_long_video)["model_name"] == "llama-vid-tiny-video"

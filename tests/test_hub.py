@@ -225,6 +225,20 @@ def test_no_network_is_one_line(fixtures, monkeypatch, tmp_path):
     assert REPO in one_line(e) and "HF_HUB_OFFLINE" in str(e.value)
 
 
+def test_a_local_path_not_made_yet_is_named_as_one(served, monkeypatch, tmp_path):
+    """'out/run' looks like a Hub id; a user who has not trained it yet must learn that no such directory exists,
+    whether the Hub answers, cannot be reached or is switched off."""
+    monkeypatch.chdir(tmp_path)
+    for url, offline, error in ((served.url, False, ValueError), (closed_port_url(), False, FileNotFoundError),
+                                (closed_port_url(), True, FileNotFoundError)):
+        use_hub(monkeypatch, tmp_path, url, offline=offline)
+        with pytest.raises(error) as e:
+            checkpoint_dir("out/llama-vid-7b-pretrain-224-video")
+        msg = one_line(e)
+        assert "out/llama-vid-7b-pretrain-224-video" in msg and "local" in msg, msg
+        assert ("check the path" in msg) or ("neither a local directory" in msg), msg
+
+
 def test_eva_download_never_leaves_a_partial_file(served, fixtures, monkeypatch, tmp_path):
     use_hub(monkeypatch, tmp_path, served.url)
     served.short.add(EVA_PATH)  # the connection drops halfway

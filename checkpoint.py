@@ -366,7 +366,7 @@ def hub_download(repo_id: str, filename: Optional[str] = None, **snapshot_kw) ->
                          "huggingface_hub: pip install -U huggingface_hub") from None
     what = f"{filename} of {repo_id}" if filename else repo_id
     # a whole checkpoint comes from a --model-path, which may as well be a local path mistyped or not made yet
-    no_dir = "" if filename else f"{repo_id} is no local directory, and "
+    subject = what if filename else f"{repo_id} is no local directory, and it"
 
     def err(*names):  # the error classes of this huggingface_hub version (an empty tuple matches nothing)
         return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
@@ -385,12 +385,12 @@ def hub_download(repo_id: str, filename: Optional[str] = None, **snapshot_kw) ->
     except err("LocalEntryNotFoundError", "OfflineModeIsEnabled"):  # not cached, and no Hub to ask
         cache = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(f"{no_dir}{'it' if no_dir else what} is not (completely) in the Hugging Face "
-                                    f"cache {cache} and HF_HUB_OFFLINE is set: check the path, or run once with "
-                                    "network access to fetch it") from None
-        raise FileNotFoundError(f"{no_dir or what + ': '}the Hugging Face Hub ({constants.ENDPOINT}) could not be "
-                                f"reached to fetch it and the cache {cache} has no complete copy; check the path, or "
-                                "the network connection (and HF_ENDPOINT)") from None
+            raise FileNotFoundError(f"{subject} is not (completely) in the Hugging Face cache {cache} and "
+                                    "HF_HUB_OFFLINE is set: check the path, or run once with network access to "
+                                    "fetch it") from None
+        raise FileNotFoundError(f"{subject} could not be fetched: the Hugging Face Hub ({constants.ENDPOINT}) could "
+                                f"not be reached and the cache {cache} has no complete copy; check the path, or the "
+                                "network connection (and HF_ENDPOINT)") from None
     except err("EntryNotFoundError"):
         raise FileNotFoundError(f"{repo_id} on the Hugging Face Hub has no {filename or 'such file'}") from None
     except err("HfHubHTTPError", "FileMetadataError") as e:
